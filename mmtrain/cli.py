@@ -1,0 +1,40 @@
+"""`mmtrain <command>`: thin dispatcher; each command lives with the component it drives.
+
+Imports are lazy so `mmtrain pack` never pays for torch or megatron-core.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "analyze": ("mmtrain.data.analysis", "main", "token statistics and histograms of a data source"),
+    "pack": ("mmtrain.packing.cli", "main", "write a packing plan (PLAN.jsonl) for a length table"),
+    "simulate": ("mmtrain.balancing.cli", "simulate_main", "straggler / bubble simulation per strategy"),
+    "calibrate": ("mmtrain.balancing.calibrate", "main", "time a few shapes and fit cost-model coefficients"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: mmtrain <command> [args]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "training: python -m mmtrain.train <hydra overrides>"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"mmtrain: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
