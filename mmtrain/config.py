@@ -86,6 +86,9 @@ class PackingConfig:
     # "none" runs each sample at its own length.
     pad_unpacked_to: str = "seq_length"
     plan: Optional[str] = None  # offline PLAN.jsonl from `mmtrain pack`; None = online packing
+    # carry under-filled packs into the next buffer (better fill). None = auto: off when buffer_size
+    # equals trainer.global_batch_size, so each step packs exactly the samples an unpacked step sees.
+    carry_over: Optional[bool] = None
 
 
 @dataclass
@@ -137,6 +140,10 @@ class ClusterConfig:
     gpus_per_node: int = 0
     gpu_memory_gb: float = 0.0
     peak_tflops_bf16: float = 0.0  # dense bf16 peak per device, for MFU
+    # The launch shape a recipe was designed for; launch/torchrun.py and launch/slurm.py use these as
+    # defaults (world size = nodes * procs_per_node, DP = world / (TP * PP)). Training itself ignores them.
+    nodes: int = 1
+    procs_per_node: int = 1
 
 
 @dataclass

@@ -93,3 +93,19 @@ def sample_pixels(spec: SyntheticTilesSpec, index: int, image_size: int, channel
     pixels = rng.standard_normal((shape.tiles, channels, image_size, image_size), dtype=np.float32) * 0.1
     pixels += np.float32(stride / NUM_STRIDES - 0.5)
     return pixels
+
+
+def length_table_columns(spec: SyntheticTilesSpec, tokens_per_tile: int) -> dict[str, np.ndarray]:
+    """The data set as length-table columns (`id`, `tiles`, `image_tokens`, `text_tokens`), no pixels.
+
+    Lets `mmtrain analyze` and the packer see exactly what training on `spec` would see.
+    """
+    if tokens_per_tile < 1:
+        raise ValueError(f"tokens_per_tile must be >= 1, got {tokens_per_tile}")
+    tiles, text = sample_shapes(spec)
+    return {
+        "id": np.arange(spec.num_samples, dtype=np.int64),
+        "tiles": tiles,
+        "image_tokens": tiles * np.int64(tokens_per_tile),
+        "text_tokens": text,
+    }

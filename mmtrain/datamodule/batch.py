@@ -1,0 +1,181 @@
+"""The packed micro-batch contract, and how samples become one.
+
+A micro-batch is a single thd token stream (megatron's packed format, batch dim 1) made of *rows*:
+a row is a pack of whole samples (packing on) or one sample (packing off), padded to its row length.
+
+Fields (T = total tokens in the micro-batch, padding included):
+  tokens        int64 [T]   decoder input ids; image positions hold IMAGE_TOKEN_ID, padding PAD_ID
+  labels        int64 [T]   next-token targets (tokens shifted left inside each sample)
+  loss_mask     fp32  [T]   1 where the label is a real text token; 0 on image tokens, the last
+                            token of each sample, and padding
+  position_ids  int64 [T]   restart at 0 for every sample (and every padding segment)
+  cu_seqlens    int32 [S+1] segment boundaries: one segment per sample *after* image-token expansion,
+                            plus one per padding run, so cu_seqlens[-1] == T and rope/attention
+                            never cross samples
+  cu_seqlens_padded int32 [S+1] | None  the same with each sample segment padded to `segment_align`
+                            (TP/SP/CP/FP8 divisibility); None when segment_align == 1
+  max_seqlen    int         longest segment (sizes rope tables and flash-attn tiling)
+  images        fp32  [N, C, H, W]   all tiles of the micro-batch, in sample order
+  image_token_index int64 [N * P]    where the N*P image embeddings go in the stream (tile order)
+  sample_ids    list[int]   the samples in this micro-batch, in stream order
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from mmtrain.data.synthetic import IMAGE_TOKEN_ID, PAD_ID
+
+
+class BadBatchError(ValueError):
+    """A sample or micro-batch violates the contract; the message names the sample."""
+
+
+@dataclass
+class Sample:
+    sample_id: int
+    text: np.ndarray  # int64 [text_tokens]
+    pixels: Optional[np.ndarray]  # float32 [tiles, C, H, W] or None when not needed (non-first PP stage)
+    tiles: int
+    image_tokens: int  # after expansion; must equal tiles * tokens_per_tile
+
+    @property
+    def length(self) -> int:
+        return self.image_tokens + len(self.text)
+
+
+@dataclass
+class PackedMicroBatch:
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    images: torch.Tensor
+    image_token_index: torch.Tensor
+    sample_ids: list[int]
+    cu_seqlens_padded: Optional[torch.Tensor] = None
+    num_real_tokens: int = 0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask.sum().item())
+
+    def to(self, device: torch.device) -> "PackedMicroBatch":
+        for name in ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens", "images", "image_token_index"):
+            setattr(self, name, getattr(self, name).to(device, non_blocking=True))
+        if self.cu_seqlens_padded is not None:
+            self.cu_seqlens_padded = self.cu_seqlens_padded.to(device, non_blocking=True)
+        return self
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def build_micro_batch(
+    rows: Sequence[Sequence[Sample]],
+    *,
+    row_length: Optional[int],
+    tokens_per_tile: int,
+    image_shape: tuple[int, int, int],
+    capacity: int,
+    pack_align: int = 1,
+) -> PackedMicroBatch:
+    """Lay out rows of samples as one thd stream.
+
+    row_length: pad every row to exactly this many tokens (the padded baseline uses capacity);
+    None pads each row only up to a multiple of `pack_align`.
+    capacity: the largest row a sample set may occupy (packing.seq_length); exceeding it is an error
+    naming the samples, never a silent truncation.
+    """
+    tokens, labels, mask, pos, bounds, img_idx, pixels, ids = [], [], [], [], [0], [], [], []
+    offset = 0
+    max_seg = 0
+    for row in rows:
+        used = 0
+        for s in row:
+            if s.image_tokens != s.tiles * tokens_per_tile:
+                raise BadBatchError(
+                    f"sample {s.sample_id}: {s.image_tokens} image tokens do not match {s.tiles} tiles x "
+                    f"{tokens_per_tile} tokens per tile (check model.vision.image_size / patch_size)"
+                )
+            if s.pixels is not None and s.pixels.shape[0] != s.tiles:
+                raise BadBatchError(f"sample {s.sample_id}: {s.pixels.shape[0]} tile images for {s.tiles} tiles")
+            n = s.length
+            if n > capacity:
+                raise BadBatchError(
+                    f"sample {s.sample_id} has {n} tokens ({s.image_tokens} image + {len(s.text)} text), more than "
+                    f"packing.seq_length={capacity}; raise packing.seq_length or set packing.oversize_policy=drop|truncate"
+                )
+            if len(s.text) < 1:
+                raise BadBatchError(f"sample {s.sample_id} has no text tokens")
+            seq = np.concatenate([np.full(s.image_tokens, IMAGE_TOKEN_ID, np.int64), s.text.astype(np.int64)])
+            lab = np.append(seq[1:], PAD_ID)
+            m = np.zeros(n, np.float32)
+            m[max(s.image_tokens - 1, 0) : n - 1] = 1.0  # predict every text token after the image
+            tokens.append(seq), labels.append(lab), mask.append(m), pos.append(np.arange(n))
+            img_idx.append(offset + used + np.arange(s.image_tokens))
+            if s.pixels is not None:
+                pixels.append(s.pixels)
+            ids.append(s.sample_id)
+            used += n
+            bounds.append(offset + used)
+            max_seg = max(max_seg, n)
+        if used > capacity:
+            raise BadBatchError(
+                f"row with samples {[s.sample_id for s in row]} holds {used} tokens > packing.seq_length={capacity}"
+            )
+        target = row_length if row_length is not None else _round_up(max(used, 1), pack_align)
+        if target < used:
+            raise BadBatchError(f"row of {used} tokens cannot be padded to {target}")
+        pad = target - used
+        if pad:
+            tokens.append(np.full(pad, PAD_ID, np.int64)), labels.append(np.full(pad, PAD_ID, np.int64))
+            mask.append(np.zeros(pad, np.float32)), pos.append(np.arange(pad))
+            bounds.append(offset + target)
+            max_seg = max(max_seg, pad)
+        offset += target
+    c, h, w = image_shape
+    images = np.concatenate(pixels) if pixels else np.zeros((0, c, h, w), np.float32)
+    mb = PackedMicroBatch(
+        tokens=torch.from_numpy(np.concatenate(tokens)),
+        labels=torch.from_numpy(np.concatenate(labels)),
+        loss_mask=torch.from_numpy(np.concatenate(mask)),
+        position_ids=torch.from_numpy(np.concatenate(pos)),
+        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+        max_seqlen=int(max_seg),
+        images=torch.from_numpy(images),
+        image_token_index=torch.from_numpy(np.concatenate(img_idx) if img_idx else np.zeros(0, np.int64)),
+        sample_ids=ids,
+        num_real_tokens=sum(s.length for row in rows for s in row),
+    )
+    validate(mb)
+    return mb
+
+
+def validate(mb: PackedMicroBatch) -> None:
+    """Check the invariants the attention kernels and rope rely on; raise naming the samples."""
+    cu = mb.cu_seqlens
+    where = f"micro-batch with samples {mb.sample_ids[:8]}{'...' if len(mb.sample_ids) > 8 else ''}"
+    if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+        raise BadBatchError(f"{where}: cu_seqlens must be a 1-D int32 tensor with >= 2 entries")
+    if int(cu[0]) != 0 or int(cu[-1]) != mb.num_tokens:
+        raise BadBatchError(f"{where}: cu_seqlens must start at 0 and end at {mb.num_tokens}, got {int(cu[0])}..{int(cu[-1])}")
+    seg = cu[1:] - cu[:-1]
+    if bool((seg <= 0).any()):
+        raise BadBatchError(f"{where}: cu_seqlens is not strictly increasing")
+    if int(seg.max()) != mb.max_seqlen:
+        raise BadBatchError(f"{where}: max_seqlen {mb.max_seqlen} != longest segment {int(seg.max())}")
+    if mb.image_token_index.numel() and int(mb.image_token_index.max()) >= mb.num_tokens:
+        raise BadBatchError(f"{where}: image token index out of range")

@@ -1,0 +1,124 @@
+"""Data module: sample source -> step plan -> this rank's packed micro-batches."""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import numpy as np
+
+from mmtrain.config import MMTrainConfig
+from mmtrain.data import synthetic
+from mmtrain.datamodule.batch import PackedMicroBatch, Sample, build_micro_batch
+from mmtrain.datamodule.steps import PlannerSettings, StepPlan, StepPlanner
+
+
+class SyntheticTilesSource:
+    """Training view of the synthetic 1-20-tile data: shapes for planning, samples on demand."""
+
+    def __init__(self, cfg: MMTrainConfig, tokens_per_tile: int) -> None:
+        d = cfg.data
+        self.spec = synthetic.SyntheticTilesSpec(
+            num_samples=d.num_samples,
+            min_tiles=d.min_tiles,
+            max_tiles=d.max_tiles,
+            min_text_tokens=d.min_text_tokens,
+            max_text_tokens=d.max_text_tokens,
+            tile_distribution=d.tile_distribution,
+            seed=d.seed,
+        )
+        self.tokens_per_tile = tokens_per_tile
+        self.vocab = cfg.model.decoder.vocab_size
+        self.image_size = cfg.model.vision.image_size
+        self.channels = cfg.model.vision.in_channels
+        self.tiles, self.text_tokens = synthetic.sample_shapes(self.spec)
+
+    def __len__(self) -> int:
+        return self.spec.num_samples
+
+    def sample(self, index: int, with_pixels: bool, keep_tokens: Optional[int] = None) -> Sample:
+        text, _ = synthetic.sample_text(self.spec, index, self.vocab)
+        tiles = int(self.tiles[index])
+        image_tokens = tiles * self.tokens_per_tile
+        if keep_tokens is not None:  # packing.oversize_policy=truncate cuts text, never the image
+            text = text[: max(keep_tokens - image_tokens, 1)]
+        pixels = synthetic.sample_pixels(self.spec, index, self.image_size, self.channels) if with_pixels else None
+        return Sample(sample_id=index, text=text, pixels=pixels, tiles=tiles, image_tokens=image_tokens)
+
+
+def build_source(cfg: MMTrainConfig, tokens_per_tile: int) -> SyntheticTilesSource:
+    if cfg.data.name != "synthetic_tiles":
+        raise ValueError(f"data={cfg.data.name!r} is not a training source yet; use data=synthetic_tiles")
+    return SyntheticTilesSource(cfg, tokens_per_tile)
+
+
+class DataModule:
+    def __init__(self, cfg: MMTrainConfig, *, dp: int, dp_rank: int, pp: int, first_stage: bool, tokens_per_tile: int) -> None:
+        self.cfg = cfg
+        self.dp_rank = dp_rank
+        self.first_stage = first_stage
+        self.tokens_per_tile = tokens_per_tile
+        self.source = build_source(cfg, tokens_per_tile)
+        p, t = cfg.packing, cfg.trainer
+        self.settings = PlannerSettings(
+            packing=p.enabled,
+            seq_length=p.seq_length,
+            buffer_size=p.buffer_size,
+            algorithm=p.algorithm,
+            global_batch_size=t.global_batch_size,
+            micro_batch_size=t.micro_batch_size,
+            dp=dp,
+            pp=pp,
+            seed=t.seed,
+            shuffle=cfg.data.shuffle,
+            balance=cfg.balancing.enabled,
+            balance_strategy=cfg.balancing.strategy,
+            pipeline_order=cfg.balancing.pipeline_order,
+            max_images_per_pack=p.max_images_per_pack,
+            pack_align=p.align,
+            oversize_policy=p.oversize_policy,
+            carry_over=p.carry_over if p.carry_over is not None else p.buffer_size != t.global_batch_size,
+        )
+        self.planner = StepPlanner(self.source.tiles, self.source.text_tokens, tokens_per_tile, self.settings)
+        v = cfg.model.vision
+        self.image_shape = (v.in_channels, v.image_size, v.image_size)
+
+    def row_length(self) -> Optional[int]:
+        p = self.cfg.packing
+        if not p.enabled and p.pad_unpacked_to == "seq_length":
+            return p.seq_length
+        return None
+
+    def padded_tokens(self, plan: StepPlan) -> int:
+        """Tokens the whole step computes on (all ranks), padding included."""
+        fixed = self.row_length()
+        a = max(self.cfg.packing.align, 1)
+        return sum(fixed if fixed is not None else -(-max(n, 1) // a) * a for n in plan.row_tokens)
+
+    def next_step(self) -> StepPlan:
+        return self.planner.next_step()
+
+    def micro_batches(self, plan: StepPlan, dp_rank: Optional[int] = None) -> Iterator[PackedMicroBatch]:
+        """This rank's micro-batches for a step, built lazily (pixels only on the first PP stage)."""
+        rank = self.dp_rank if dp_rank is None else dp_rank
+        for mb_rows in plan.rank_micro_batches[rank]:
+            rows = [
+                [self.source.sample(i, self.first_stage, plan.kept_length.get(i)) for i in plan.rows[r]] for r in mb_rows
+            ] or [[]]
+            yield build_micro_batch(
+                rows,
+                row_length=self.row_length(),
+                tokens_per_tile=self.tokens_per_tile,
+                image_shape=self.image_shape,
+                capacity=self.cfg.packing.seq_length,
+                pack_align=max(self.cfg.packing.align, 1),
+            )
+
+    def state_dict(self) -> dict:
+        return {"planner": self.planner.state_dict()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.planner.load_state_dict(d["planner"])
+
+
+def tiles_of(plan: StepPlan, tiles: np.ndarray) -> int:
+    return int(sum(int(tiles[i]) for i in plan.sample_ids))

@@ -1,0 +1,525 @@
+"""Packing algorithms behind one interface: lengths (and optional tiles) in, packs out.
+
+Every algorithm is a pure function of integer arrays. Lengths are integers in a small range
+(<= capacity), so all of them group samples by (length, tiles) key and work on counts: a
+query "largest available length <= r" is a bisect over the distinct keys, never a scan of items.
+
+`pack_lengths` applies alignment (segment padding, pack capacity rounding) and validation, then
+dispatches to the registry. Oversize policies live in `mmtrain.packing.policy`.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Callable
+
+import numpy as np
+
+Packs = list[list[int]]
+# fn(lengths, capacity, tiles, max_tiles, seed) -> packs; lengths already padded and validated.
+Algorithm = Callable[[np.ndarray, int, np.ndarray | None, int | None, int], Packs]
+
+_NO_TILE_LIMIT = 1 << 62
+EXACT_MAX_ITEMS = 10  # "fill" solves inputs this small exactly (subset DP).
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared: distinct keys with counts and per-key pools of sample indices (stable: original order).
+# ----------------------------------------------------------------------------------------------
+class _KeyPool:
+    """Samples grouped by (length, tiles), keys sorted ascending by length then tiles."""
+
+    def __init__(self, lengths: np.ndarray, tiles: np.ndarray | None):
+        self.tmul = int(tiles.max()) + 1 if tiles is not None and len(tiles) else 1
+        keys = lengths.astype(np.int64) * self.tmul
+        if tiles is not None:
+            keys = keys + tiles.astype(np.int64)
+        self.order = np.argsort(keys, kind="stable")
+        ukeys, starts, counts = np.unique(keys[self.order], return_index=True, return_counts=True)
+        self.keys: list[int] = ukeys.tolist()  # alive keys only (mutated)
+        self.cnt: dict[int, int] = dict(zip(self.keys, counts.tolist()))
+        self.ptr: dict[int, int] = dict(zip(self.keys, starts.tolist()))
+
+    def length(self, key: int) -> int:
+        return key // self.tmul
+
+    def tiles(self, key: int) -> int:
+        return key % self.tmul
+
+    def take(self, key: int, k: int = 1) -> np.ndarray:
+        """Pop k sample indices of `key` (front of its pool, so original order is kept)."""
+        p = self.ptr[key]
+        self.ptr[key] = p + k
+        c = self.cnt[key] - k
+        self.cnt[key] = c
+        if c == 0:
+            del self.keys[bisect.bisect_left(self.keys, key)]
+        return self.order[p : p + k]
+
+    def largest_upto(self, r: int, tb: int, below: int | None = None, used: dict | None = None) -> int:
+        """Largest alive key with length <= r and tiles <= tb (and key < below); -1 if none."""
+        i = bisect.bisect_right(self.keys, r * self.tmul + self.tmul - 1) - 1
+        if below is not None:
+            i = min(i, bisect.bisect_left(self.keys, below) - 1)
+        tm = self.tmul
+        while i >= 0:
+            k = self.keys[i]
+            if k % tm <= tb and (used is None or self.cnt[k] > used.get(k, 0)):
+                return k
+            i -= 1
+        return -1
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines
+# ----------------------------------------------------------------------------------------------
+def greedy_knapsack(lengths, capacity, tiles=None, max_tiles=None, seed=0) -> Packs:
+    """Megatron-LM's buffer packer: sort ascending, fill the current pack with the largest item
+    that still fits, open a new pack when nothing fits. Kept as the baseline."""
+    tb_max = _NO_TILE_LIMIT if max_tiles is None else max_tiles
+    pool = _KeyPool(lengths, tiles)
+    packs: Packs = []
+    while pool.keys:
+        r, tb, cur = capacity, tb_max, []
+        while True:
+            k = pool.largest_upto(r, tb)
+            if k < 0:
+                break
+            cur.append(int(pool.take(k)[0]))
+            r -= pool.length(k)
+            tb -= pool.tiles(k)
+        packs.append(cur)
+    return packs
+
+
+class _MaxTree:
+    """Segment tree over bins holding max residual length (and tiles); unused bins are full."""
+
+    def __init__(self, nbins: int, capacity: int, max_tiles: int):
+        size = 1
+        while size < max(nbins, 1):
+            size *= 2
+        self.size = size
+        self.r = [capacity] * (2 * size)
+        self.t = [max_tiles] * (2 * size)
+
+    def first_fit(self, need: int, tneed: int) -> int:
+        r, t = self.r, self.t
+        if r[1] < need or t[1] < tneed:
+            return -1
+        stack = [1]
+        while stack:  # DFS leftmost; with tiles the two maxima may sit in different bins
+            node = stack.pop()
+            if r[node] < need or t[node] < tneed:
+                continue
+            if node >= self.size:
+                return node - self.size
+            stack.append(2 * node + 1)
+            stack.append(2 * node)
+        return -1
+
+    def update(self, leaf: int, rv: int, tv: int) -> None:
+        r, t = self.r, self.t
+        node = leaf + self.size
+        r[node], t[node] = rv, tv
+        node //= 2
+        while node:
+            a, b = 2 * node, 2 * node + 1
+            r[node] = r[a] if r[a] > r[b] else r[b]
+            t[node] = t[a] if t[a] > t[b] else t[b]
+            node //= 2
+
+
+def _decreasing(lengths: np.ndarray, tiles: np.ndarray | None) -> np.ndarray:
+    key = lengths.astype(np.int64) * (int(tiles.max()) + 1 if tiles is not None else 1)
+    if tiles is not None:
+        key = key + tiles
+    return np.argsort(-key, kind="stable")
+
+
+def ffd(lengths, capacity, tiles=None, max_tiles=None, seed=0) -> Packs:
+    """First-fit decreasing over the whole input (segment tree over bins: O(n log n))."""
+    n = len(lengths)
+    tmax = _NO_TILE_LIMIT if max_tiles is None else max_tiles
+    tree = _MaxTree(n, capacity, tmax)
+    packs: Packs = []
+    lens = lengths.tolist()
+    tl = tiles.tolist() if tiles is not None else None
+    res_r: list[int] = []
+    res_t: list[int] = []
+    for i in _decreasing(lengths, tiles).tolist():
+        li, ti = lens[i], (tl[i] if tl is not None else 0)
+        b = tree.first_fit(li, ti)
+        if b == len(packs):
+            packs.append([])
+            res_r.append(capacity)
+            res_t.append(tmax)
+        packs[b].append(i)
+        res_r[b] -= li
+        res_t[b] -= ti
+        tree.update(b, res_r[b], res_t[b])
+    return packs
+
+
+def bfd(lengths, capacity, tiles=None, max_tiles=None, seed=0) -> Packs:
+    """Best-fit decreasing: put each item (largest first) into the open pack with the least room
+    that still fits. Open packs are bucketed by residual (integers <= capacity): O(n log C)."""
+    tmax = _NO_TILE_LIMIT if max_tiles is None else max_tiles
+    residuals: list[int] = []  # sorted distinct residuals that have open packs
+    buckets: dict[int, list[int]] = {}
+    packs: Packs = []
+    res_t: list[int] = []
+    lens = lengths.tolist()
+    tl = tiles.tolist() if tiles is not None else None
+    for i in _decreasing(lengths, tiles).tolist():
+        li, ti = lens[i], (tl[i] if tl is not None else 0)
+        b = -1
+        j = bisect.bisect_left(residuals, li)
+        while j < len(residuals) and b < 0:
+            bucket = buckets[residuals[j]]
+            for pos in range(len(bucket) - 1, -1, -1):
+                if res_t[bucket[pos]] >= ti:
+                    b = bucket.pop(pos)
+                    break
+            if not bucket:
+                del buckets[residuals[j]]
+                del residuals[j]
+            elif b < 0:
+                j += 1
+        if b < 0:
+            b = len(packs)
+            packs.append([])
+            res_t.append(tmax)
+            r = capacity
+        else:
+            r = _residual_of(packs[b], lens, capacity)
+        packs[b].append(i)
+        res_t[b] -= ti
+        r -= li
+        if r not in buckets:
+            buckets[r] = []
+            bisect.insort(residuals, r)
+        buckets[r].append(b)
+    return packs
+
+
+def _residual_of(pack: list[int], lens: list[int], capacity: int) -> int:
+    return capacity - sum(lens[i] for i in pack)
+
+
+# ----------------------------------------------------------------------------------------------
+# Default: pattern fill (largest-first fill + exact pair completion with lookahead, by counts)
+# ----------------------------------------------------------------------------------------------
+def _best_pair(pool: _KeyPool, r: int, tb: int, used: dict, vmin: int, tries: int = 48):
+    """Best 1- or 2-item completion of residual r: returns (residual, keys). Early exit on 0."""
+    tm = pool.tmul
+    best_res, best = r, ()
+    a = pool.largest_upto(r, tb, used=used)
+    if a >= 0:
+        best_res, best = r - a // tm, (a,)
+        if best_res == 0:
+            return 0, best
+    # pairs a >= b: a from the largest <= r - vmin downwards, stop when 2a cannot beat best
+    a = pool.largest_upto(r - vmin, tb, used=used)
+    while a >= 0 and tries > 0 and 2 * (a // tm) > r - best_res:
+        tries -= 1
+        la = a // tm
+        used[a] = used.get(a, 0) + 1
+        b = pool.largest_upto(min(r - la, la), tb - a % tm, below=a + 1, used=used)
+        used[a] -= 1
+        if b >= 0:
+            res = r - la - b // tm
+            if res < best_res:
+                best_res, best = res, (a, b)
+                if res == 0:
+                    break
+        a = pool.largest_upto(la, tb, below=a, used=used)
+    return best_res, best
+
+
+def _vmin(pool: _KeyPool, used: dict) -> int:
+    for k in pool.keys:
+        if pool.cnt[k] > used.get(k, 0):
+            return k // pool.tmul
+    return 1 << 62
+
+
+def _nearest(pool: _KeyPool, target: float, hi: int, tb: int, used: dict, limit: int = 64):
+    """Alive keys by distance of their length to `target` (length <= hi, tiles <= tb), nearest first."""
+    tm = pool.tmul
+    keys = pool.keys
+    j = bisect.bisect_left(keys, int(target) * tm)
+    lo_i, hi_i = j - 1, j
+    top = bisect.bisect_right(keys, hi * tm + tm - 1)
+    hi_i = min(hi_i, top)
+    while (lo_i >= 0 or hi_i < top) and limit > 0:
+        if hi_i < top and (lo_i < 0 or keys[hi_i] // tm - target <= target - keys[lo_i] // tm):
+            k = keys[hi_i]
+            hi_i += 1
+        else:
+            k = keys[lo_i]
+            lo_i -= 1
+        if k % tm <= tb and pool.cnt[k] > used.get(k, 0):
+            limit -= 1
+            yield k
+
+
+def _add(used: dict, keys) -> None:
+    for k in keys:
+        used[k] = used.get(k, 0) + 1
+
+
+class _Search:
+    """Bounded depth-first subset-sum search for one pack: items largest-first (non-increasing
+    keys, so each multiset is visited once), an exact 1-2 item completion tried at every node,
+    `branch` alternatives per level and `budget` nodes in all; stops at the first exact fill."""
+
+    def __init__(self, pool: _KeyPool, used: dict, branch: int, budget: int):
+        self.pool, self.used, self.branch, self.budget = pool, used, branch, budget
+        self.best_res = 1 << 62
+        self.best: list[int] = []
+
+    def run(self, r: int, tb: int, maxkey: int, path: list[int]) -> None:
+        pool, used = self.pool, self.used
+        self.budget -= 1
+        vmin = _vmin(pool, used)
+        res, keys = (r, ()) if r < vmin else _best_pair(pool, r, tb, used, vmin, tries=24)
+        if res < self.best_res:
+            self.best_res, self.best = res, path + list(keys)
+        if res == 0 or r < 3 * vmin:
+            return
+        tm = pool.tmul
+        x = pool.largest_upto(r - vmin, tb, below=maxkey + 1, used=used)
+        for _ in range(self.branch):
+            if x < 0 or self.budget <= 0 or self.best_res == 0:
+                return
+            used[x] = used.get(x, 0) + 1
+            path.append(x)
+            self.run(r - x // tm, tb - x % tm, x, path)
+            path.pop()
+            used[x] -= 1
+            x = pool.largest_upto(x // tm, tb, below=x, used=used)
+
+
+def _build_greedy_pattern(pool: _KeyPool, capacity: int, tb_max: int, lookahead: int = 8) -> dict[int, int]:
+    """One pack: the largest key, then largest-first fill that never leaves an unfillable gap,
+    finishing with the best 1-2 item completion (`lookahead` candidates for the last greedy
+    item, i.e. a bounded triple search)."""
+    top = pool.keys[-1]
+    used = {top: 1}
+    r, tb = capacity - pool.length(top), tb_max - pool.tiles(top)
+    tm = pool.tmul
+    while True:
+        vmin = _vmin(pool, used)
+        if r < vmin:
+            return used
+        if r < 3 * vmin:
+            _add(used, _best_pair(pool, r, tb, used, vmin)[1])
+            return used
+        res2, keys2 = _best_pair(pool, r, tb, used, vmin, tries=8)
+        if res2 == 0:
+            _add(used, keys2)
+            return used
+        x = pool.largest_upto(r - vmin, tb, used=used)
+        if x < 0:
+            _add(used, _best_pair(pool, r, tb, used, vmin)[1])
+            return used
+        if r - x // tm >= 3 * vmin:
+            used[x] = used.get(x, 0) + 1
+            r -= x // tm
+            tb -= x % tm
+            continue
+        best = (res2, keys2)
+        cand = x
+        for _ in range(lookahead):
+            if cand < 0:
+                break
+            lc = cand // tm
+            used[cand] = used.get(cand, 0) + 1
+            res, keys = _best_pair(pool, r - lc, tb - cand % tm, used, vmin)
+            used[cand] -= 1
+            if res < best[0]:
+                best = (res, (cand,) + tuple(keys))
+                if res == 0:
+                    break
+            cand = pool.largest_upto(lc, tb, below=cand, used=used)
+        _add(used, best[1])
+        return used
+
+
+def _add(used: dict, keys) -> None:
+    for k in keys:
+        used[k] = used.get(k, 0) + 1
+
+
+def _build_search_pattern(pool: _KeyPool, capacity: int, tb_max: int, branch: int = 3, budget: int = 48) -> dict[int, int]:
+    """One pack as a multiset of keys: the largest remaining key plus the best fill found by a
+    bounded subset-sum search over the remaining keys (largest items preferred)."""
+    top = pool.keys[-1]
+    used = {top: 1}
+    search = _Search(pool, used, branch, budget)
+    search.run(capacity - pool.length(top), tb_max - pool.tiles(top), top, [])
+    for k in search.best:
+        used[k] = used.get(k, 0) + 1
+    return used
+
+
+def _fill_with(builder, lengths: np.ndarray, capacity: int, tiles, tb_max: int) -> Packs:
+    """Build a pattern (multiset of keys) for the largest remaining item and emit it as many
+    times as the counts allow at once: O(patterns) searches, not O(items)."""
+    pool = _KeyPool(lengths, tiles)
+    blocks: list[np.ndarray] = []
+    while pool.keys:
+        pat = {k: m for k, m in builder(pool, capacity, tb_max).items() if m > 0}
+        reps = min(pool.cnt[k] // m for k, m in pat.items())
+        cols = [pool.take(k, reps * m).reshape(reps, m) for k, m in sorted(pat.items(), reverse=True)]
+        blocks.append(cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1))
+    packs: Packs = []
+    for b in blocks:
+        packs.extend(b.tolist())
+    return packs
+
+
+FILL_BUILDERS = (_build_greedy_pattern, _build_search_pattern)
+SEARCH_MIN_ITEMS = 5000  # below this (online buffers) only the fast greedy builder runs
+
+
+def fill(lengths, capacity, tiles=None, max_tiles=None, seed=0) -> Packs:
+    """Default packer ("best fit with completion"): each pack is the largest remaining item plus
+    a fill chosen by subset-sum search over the remaining (length, tiles) keys, with an exact
+    pair completion. Two pattern builders (largest-first greedy with a bounded triple search,
+    and a bounded DFS) (the DFS only on inputs of at least SEARCH_MIN_ITEMS samples) and, as a
+    safety net, the largest-fits greedy are run and the plan with fewest packs is kept. Inputs of at most
+    EXACT_MAX_ITEMS samples are solved optimally."""
+    n = len(lengths)
+    if n == 0:
+        return []
+    if n <= EXACT_MAX_ITEMS:
+        return exact_small(lengths, capacity, tiles, max_tiles, seed)
+    tb_max = _NO_TILE_LIMIT if max_tiles is None else max_tiles
+    best: Packs | None = None
+    for builder in FILL_BUILDERS if n >= SEARCH_MIN_ITEMS else FILL_BUILDERS[:1]:
+        packs = _fill_with(builder, lengths, capacity, tiles, tb_max)
+        if best is None or len(packs) < len(best):
+            best = packs
+    # cheap safety net: never worse than the count-based largest-fits greedy
+    packs = greedy_knapsack(lengths, capacity, tiles, max_tiles, seed)
+    if len(packs) < len(best):
+        best = packs
+    return best
+
+
+def exact_small(lengths, capacity, tiles=None, max_tiles=None, seed=0) -> Packs:
+    """Optimal packing of tiny inputs (n <= ~12) by DP over subsets: f(S) = 1 + min f(S \\ T) over
+    feasible packs T holding the lowest item of S. Used by `fill` below EXACT_MAX_ITEMS."""
+    n = len(lengths)
+    if n == 0:
+        return []
+    lens = [int(x) for x in lengths]
+    tl = [int(x) for x in tiles] if tiles is not None else [0] * n
+    tmax = _NO_TILE_LIMIT if max_tiles is None else max_tiles
+    full = (1 << n) - 1
+    tok = [0] * (1 << n)
+    til = [0] * (1 << n)
+    for m in range(1, 1 << n):
+        low = (m & -m).bit_length() - 1
+        tok[m] = tok[m & (m - 1)] + lens[low]
+        til[m] = til[m & (m - 1)] + tl[low]
+    feasible = [tok[m] <= capacity and til[m] <= tmax for m in range(1 << n)]
+    best = [0] * (1 << n)
+    choice = [0] * (1 << n)
+    for s in range(1, 1 << n):
+        low = s & -s
+        rest = s ^ low
+        bv, bc = n + 1, 0
+        sub = rest
+        while True:  # subsets T = low | sub of s
+            t = low | sub
+            if feasible[t] and best[s ^ t] + 1 < bv:
+                bv, bc = best[s ^ t] + 1, t
+            if sub == 0:
+                break
+            sub = (sub - 1) & rest
+        best[s], choice[s] = bv, bc
+    packs: Packs = []
+    s = full
+    while s:
+        t = choice[s]
+        packs.append([i for i in range(n) if t >> i & 1])
+        s ^= t
+    return packs
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "greedy_knapsack": greedy_knapsack,
+    "ffd": ffd,
+    "bfd": bfd,
+    "fill": fill,
+}
+DEFAULT_ALGORITHM = "fill"
+
+
+def resolve_algorithm(name: str) -> str:
+    name = DEFAULT_ALGORITHM if name in (None, "default") else name
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown packing algorithm {name!r}; choose from {sorted(ALGORITHMS)} or 'default'")
+    return name
+
+
+def align_up(x, align: int):
+    """Round up to a multiple of align (ints or numpy arrays)."""
+    return -(-x // align) * align
+
+
+def effective_capacity(capacity: int, pack_align: int = 1) -> int:
+    """A pack padded to a multiple of pack_align fits iff its content <= floor(C / a) * a."""
+    return capacity // pack_align * pack_align
+
+
+def pack_lengths(
+    lengths,
+    capacity: int,
+    algorithm: str = "default",
+    *,
+    tiles=None,
+    max_tiles_per_pack: int | None = None,
+    segment_align: int = 1,
+    pack_align: int = 1,
+    seed: int = 0,
+) -> Packs:
+    """Pack samples into packs of at most `capacity` tokens (padding included).
+
+    Each segment is padded to a multiple of `segment_align` and each pack to a multiple of
+    `pack_align` (e.g. 2*cp*tp for context parallel, 16 for FP8); capacity checks include both.
+    Returns lists of indices into `lengths`, each index exactly once. Raises ValueError naming
+    the first sample that cannot fit alone.
+    """
+    if capacity <= 0 or segment_align <= 0 or pack_align <= 0:
+        raise ValueError("capacity, segment_align and pack_align must be positive")
+    lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    tl = None if tiles is None else np.asarray(tiles, dtype=np.int64).reshape(-1)
+    if tl is not None and len(tl) != len(lens):
+        raise ValueError(f"tiles has {len(tl)} entries but lengths has {len(lens)}")
+    if len(lens) and lens.min() < 0:
+        raise ValueError(f"sample {int(np.argmin(lens))} has negative length {int(lens.min())}")
+    if tl is not None and len(tl) and tl.min() < 0:
+        raise ValueError(f"sample {int(np.argmin(tl))} has negative tiles")
+    cap = effective_capacity(capacity, pack_align)
+    eff = align_up(lens, segment_align) if segment_align > 1 else lens
+    bad = np.flatnonzero(eff > cap)
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(
+            f"sample {i} has {int(lens[i])} tokens ({int(eff[i])} after segment_align={segment_align}); "
+            f"a pack holds at most {cap} (capacity {capacity}, pack_align {pack_align}); "
+            f"{len(bad)} sample(s) oversize"
+        )
+    if tl is not None and max_tiles_per_pack is not None:
+        bad = np.flatnonzero(tl > max_tiles_per_pack)
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(f"sample {i} has {int(tl[i])} tiles > max_tiles_per_pack={max_tiles_per_pack}")
+    if tl is not None and max_tiles_per_pack is None:
+        tl = None  # tiles only matter under a limit
+    fn = ALGORITHMS[resolve_algorithm(algorithm)]
+    return fn(eff, cap, tl, max_tiles_per_pack, seed)

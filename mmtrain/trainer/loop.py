@@ -1,0 +1,305 @@
+"""The one training loop: plan a step, run megatron-core's schedule over this rank's packed
+micro-batches, finalize grads (DP all-reduce, divide by the global loss-token count), step the
+optimizer, log one metrics line.
+
+The loss is the global per-token mean over all micro-batches and DP ranks (megatron-core's
+`calculate_per_token_loss`): each rank returns loss *sums*, grads are summed across DP, and
+`finalize_model_grads` divides by the total number of loss tokens. So packing, balancing and the
+DP size change where tokens are computed, never the loss or the update.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from mmtrain.config import MMTrainConfig
+from mmtrain.datamodule.batch import PackedMicroBatch
+from mmtrain.datamodule.module import DataModule, tiles_of
+from mmtrain.model.vlm import VLM, ParallelShape, tokens_per_tile
+from mmtrain.parallel import setup
+from mmtrain.trainer import flops as flops_mod
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"trainer.precision must be fp32 or bf16, got {precision!r}")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def packed_seq_params(mb: PackedMicroBatch) -> PackedSeqParams:
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=mb.cu_seqlens,
+        cu_seqlens_kv=mb.cu_seqlens,
+        cu_seqlens_q_padded=mb.cu_seqlens_padded,
+        cu_seqlens_kv_padded=mb.cu_seqlens_padded,
+        max_seqlen_q=mb.max_seqlen,
+        max_seqlen_kv=mb.max_seqlen,
+    )
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    losses = output.float().reshape(-1)
+    loss_sum = (losses * loss_mask).sum()
+    n = loss_mask.sum().to(torch.int)
+    return loss_sum, n, {"loss_sum": loss_sum.detach().clone(), "tokens": n.detach().clone()}
+
+
+@dataclass
+class Built:
+    cfg: MMTrainConfig
+    layout: setup.ParallelLayout
+    model: DistributedDataParallel
+    optimizer: Any
+    data: DataModule
+    tokens_per_tile: int
+    dtype: torch.dtype
+    extra: dict = field(default_factory=dict)
+
+
+def build(cfg: MMTrainConfig) -> Built:
+    """Set up process groups, the model on this rank's stage, DDP, the optimizer and the data."""
+    layout = setup.initialize(cfg.parallel, cfg.trainer.device, cfg.trainer.seed)
+    dtype = dtype_of(cfg.trainer.precision)
+    torch.manual_seed(cfg.trainer.seed)
+    on_cpu = layout.device.type == "cpu"
+    vlm = VLM(cfg.model, ParallelShape(layout.tp, layout.pp), dtype, use_cpu_init=on_cpu, backend=cfg.model.attention_backend)
+    vlm.to(layout.device)
+    use_dist_opt = cfg.parallel.use_distributed_optimizer
+    if use_dist_opt is None:
+        use_dist_opt = not on_cpu
+    ddp = DistributedDataParallel(
+        config=vlm.config,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_dist_opt
+        ),
+        module=vlm,
+    )
+    t = cfg.trainer
+    opt = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            clip_grad=t.clip_grad,
+            bf16=dtype == torch.bfloat16,
+            params_dtype=dtype,
+            use_distributed_optimizer=use_dist_opt,
+        ),
+        [ddp],
+    )
+    tcfg = vlm.config
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    tcfg.no_sync_func = ddp.no_sync
+    tpt = tokens_per_tile(cfg.model)
+    data = DataModule(cfg, dp=layout.dp, dp_rank=layout.dp_rank, pp=layout.pp, first_stage=layout.is_first_stage, tokens_per_tile=tpt)
+    return Built(cfg=cfg, layout=layout, model=ddp, optimizer=opt, data=data, tokens_per_tile=tpt, dtype=dtype)
+
+
+def lr_at(cfg: MMTrainConfig, step: int) -> float:
+    t = cfg.trainer
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_decay_style == "constant" or t.max_steps <= t.warmup_steps:
+        return t.lr
+    frac = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    if t.lr_decay_style == "linear":
+        return t.min_lr + (t.lr - t.min_lr) * (1 - frac)
+    if t.lr_decay_style == "cosine":
+        return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * frac))
+    raise ValueError(f"trainer.lr_decay_style must be constant|linear|cosine, got {t.lr_decay_style!r}")
+
+
+def run_step(b: Built, plan, *, forward_only: bool = False) -> dict:
+    """Forward/backward over this rank's micro-batches of `plan`, then the optimizer step."""
+    mbs = [mb.to(b.layout.device) for mb in b.data.micro_batches(plan)]
+    first, last = b.layout.is_first_stage, b.layout.is_last_stage
+
+    def forward_step(data_iterator, model):
+        mb: PackedMicroBatch = next(data_iterator)
+        out = model(
+            mb.tokens,
+            mb.position_ids,
+            packed_seq_params(mb),
+            images=mb.images.to(b.dtype) if first else None,
+            image_token_index=mb.image_token_index if first else None,
+            labels=mb.labels if last else None,
+        )
+        return out, partial(_loss_func, mb.loss_mask)
+
+    for group in b.optimizer.param_groups:
+        group["lr"] = lr_at(b.cfg, plan.step)
+    b.model.zero_grad_buffer()
+    b.optimizer.zero_grad()
+    t0 = time.perf_counter()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(mbs),
+        model=[b.model],
+        num_microbatches=len(mbs),
+        seq_length=max(mb.num_tokens for mb in mbs),
+        micro_batch_size=1,
+        forward_only=forward_only,
+    )
+    if b.layout.device.type == "cuda":
+        torch.cuda.synchronize()
+    compute_s = time.perf_counter() - t0
+    local = torch.zeros(2, dtype=torch.float64, device=b.layout.device)
+    if last and b.layout.tp_rank == 0:
+        for d in losses:
+            local[0] += d["loss_sum"].double()
+            local[1] += d["tokens"].double()
+    dist.all_reduce(local)
+    grad_norm, ok = float("nan"), True
+    if not forward_only:
+        ok, grad_norm, _ = b.optimizer.step()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    return {
+        "loss_sum": float(local[0]),
+        "loss_tokens": int(local[1]),
+        "grad_norm": grad_norm,
+        "update_ok": bool(ok),
+        "compute_s": compute_s,
+        "local_tokens": sum(mb.num_tokens for mb in mbs),
+    }
+
+
+class MetricsWriter:
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = path
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(path, "a", buffering=1)
+
+    def write(self, rec: dict) -> None:
+        if self.enabled:
+            self.fh.write(json.dumps(rec) + "\n")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.fh.close()
+
+
+def _progress(cfg: MMTrainConfig, is_rank0: bool):
+    mode = cfg.trainer.progress_bar
+    show = is_rank0 and (mode == "on" or (mode == "auto" and sys.stderr.isatty()))
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.trainer.max_steps, desc="train", unit="step", dynamic_ncols=True)
+
+
+def train(cfg: MMTrainConfig) -> dict:
+    b = build(cfg)
+    lay = b.layout
+    is_rank0 = lay.rank == 0
+    out_dir = Path(cfg.trainer.output_dir)
+    writer = MetricsWriter(out_dir / "metrics.jsonl", is_rank0)
+    bar = _progress(cfg, is_rank0)
+    peak = cfg.cluster.peak_tflops_bf16 * 1e12 if lay.device.type == "cuda" else 0.0
+    history: list[dict] = []
+    try:
+        for _ in range(cfg.trainer.max_steps):
+            plan = b.data.next_step()
+            t0 = time.perf_counter()
+            r = run_step(b, plan)
+            step_s = time.perf_counter() - t0
+            # Measured per-rank compute time next to the balancer's prediction.
+            times = torch.zeros(lay.world_size, dtype=torch.float64, device=lay.device)
+            times[lay.rank] = r["compute_s"]
+            dist.all_reduce(times)
+            samples = plan.num_samples
+            real_tokens = sum(plan.row_tokens)
+            padded = b.data.padded_tokens(plan)
+            lengths = [b.data.planner.lengths[i] if i not in plan.kept_length else plan.kept_length[i] for i in plan.sample_ids]
+            useful = flops_mod.step_flops(cfg.model, lengths, tiles_of(plan, b.data.source.tiles), b.tokens_per_tile)
+            rec = {
+                "step": plan.step,
+                "loss": r["loss_sum"] / max(r["loss_tokens"], 1),
+                "grad_norm": r["grad_norm"],
+                "lr": lr_at(cfg, plan.step),
+                "samples": samples,
+                "loss_tokens": r["loss_tokens"],
+                "time_per_sample_ms": 1000.0 * step_s / samples,
+                "step_time_s": step_s,
+                "tokens_per_s": real_tokens / step_s,
+                "padding_fraction": 1.0 - real_tokens / max(padded, 1),
+                "packs": len(plan.rows),
+                "useful_tflops": useful / step_s / 1e12 / lay.world_size,
+                "rank_compute_ms": [1000.0 * float(x) for x in times.tolist()],
+                "predicted_rank_cost": plan.predicted_rank_cost,
+                "epoch": plan.epoch,
+            }
+            if peak:
+                rec["mfu"] = useful / step_s / lay.world_size / peak
+            if cfg.trainer.log_sample_ids:
+                rec["sample_ids"] = plan.sample_ids
+            if not r["update_ok"]:
+                rec["skipped"] = True
+            history.append(rec)
+            writer.write(rec)
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", ms_per_sample=f"{rec['time_per_sample_ms']:.1f}")
+                bar.update(1)
+        summary = summarize(cfg, lay, history)
+        if is_rank0:
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+
+
+def summarize(cfg: MMTrainConfig, lay: setup.ParallelLayout, history: list[dict], warmup: Optional[int] = None) -> dict:
+    warmup = min(len(history) - 1, 1 if warmup is None else warmup) if history else 0
+    timed = history[warmup:]
+    total_s = sum(h["step_time_s"] for h in timed)
+    total_n = sum(h["samples"] for h in timed)
+    out = {
+        "steps": len(history),
+        "warmup_steps_excluded": warmup,
+        "time_per_sample_ms": 1000.0 * total_s / max(total_n, 1),
+        "losses": [h["loss"] for h in history],
+        "final_loss": history[-1]["loss"] if history else None,
+        "padding_fraction": (sum(h["padding_fraction"] for h in timed) / len(timed)) if timed else None,
+        "packing_enabled": cfg.packing.enabled,
+        "seq_length": cfg.packing.seq_length,
+        "buffer_size": cfg.packing.buffer_size,
+        "algorithm": cfg.packing.algorithm,
+        "world_size": lay.world_size,
+        "dp": lay.dp,
+        "tp": lay.tp,
+        "pp": lay.pp,
+        "device": str(lay.device),
+        "precision": cfg.trainer.precision,
+        "model": cfg.model.name,
+    }
+    if timed and "mfu" in timed[0]:
+        out["mfu"] = sum(h["mfu"] for h in timed) / len(timed)
+    return out
+
+
+def main_process_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
