@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-import hydra
+import logging
+import warnings
+
+# megatron-core warns at import about optional fused kernels (TE/Apex) that the CPU path never uses.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\..*")
+logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
+
+import hydra  # noqa: E402
 from omegaconf import DictConfig
 
-from mmtrain.config import register_configs, to_config
+from mmtrain.config import register_configs, to_config  # noqa: E402
 
 register_configs()
 
@@ -20,7 +28,6 @@ def main(dcfg: DictConfig) -> None:
         summary = train(cfg)
     finally:
         setup.shutdown()
-    import torch.distributed as dist  # noqa: F401  (already torn down; rank known from env)
     import os
 
     if os.environ.get("RANK", "0") == "0":

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--tokenizer", default=None, help="local HF tokenizer folder or tokenizer.json (default: bytes)")
     acc.add_argument("--max-images", type=int, default=1, help="images allowed per sample")
     run = p.add_argument_group("run")
-    run.add_argument("--workers", type=int, default=None, help="header-reading processes (default: all cores)")
+    run.add_argument("--workers", type=int, default=None, help="header-reading threads (default: 4 per core, at most 16)")
     run.add_argument("--bins", type=int, default=100)
     run.add_argument("--no-plots", action="store_true", help="skip the PNG histograms")
     run.add_argument("--no-progress", action="store_true")
@@ -180,7 +180,14 @@ def analyze(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
 
     os.makedirs(args.out, exist_ok=True)
     pngs: dict[str, str] = {}
-    if not args.no_plots:
+    plots = not args.no_plots
+    if plots:
+        try:
+            import matplotlib  # noqa: F401  (an optional dependency: the numbers need no plots)
+        except ImportError:
+            plots = False
+            stats["notes"].append("matplotlib is not installed: no PNG histograms written")
+    if plots:
         from mmtrain.data.report import histogram_png
 
         finite = [(lo, hi) for _, lo, hi in ranges]

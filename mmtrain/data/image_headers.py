@@ -15,7 +15,7 @@ import io
 import os
 import struct
 import zlib
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -252,40 +252,41 @@ def _scan_chunk(paths: Sequence[str]) -> list[tuple[int, int, str | None]]:
     return out
 
 
+def default_workers() -> int:
+    """Threads for header reads: I/O-bound (cold caches, network disks), so more than the cores."""
+    return min(16, 4 * (os.cpu_count() or 1))
+
+
 def scan_sizes(
     paths: Sequence[str],
     workers: int | None = None,
-    chunk: int = 512,
+    chunk: int = 256,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
     """Sizes of many files: (widths, heights, error kinds); widths/heights are 0 where an error is.
 
-    Large scans go to a process pool (parsing is Python, so threads would share one core);
+    A thread pool overlaps the file reads (measured: ~2-3x a serial scan on a cold page cache, equal
+    when warm; a process pool was slower on 2 cores and must re-import `__main__`).
     `progress(n)` is called with the number of files finished after each chunk.
     """
     n = len(paths)
     widths = np.zeros(n, dtype=np.int64)
     heights = np.zeros(n, dtype=np.int64)
     errors: list[str | None] = [None] * n
-    workers = (os.cpu_count() or 1) if workers is None else max(1, workers)
+    workers = default_workers() if workers is None else max(1, workers)
     starts = list(range(0, n, chunk))
 
     def store(start: int, results: Iterable[tuple[int, int, str | None]]) -> None:
-        k = 0
         for k, (w, h, err) in enumerate(results):
             widths[start + k], heights[start + k], errors[start + k] = w, h, err
         if progress is not None:
             progress(min(chunk, n - start))
 
-    if workers == 1 or n <= 2 * chunk:
+    if workers == 1 or n <= chunk:
         for s in starts:
             store(s, _scan_chunk(paths[s : s + chunk]))
     else:
-        import multiprocessing as mp
-
-        # forkserver: forking a process that may already run threads (torch, tqdm) can deadlock
-        ctx = mp.get_context("forkserver") if "forkserver" in mp.get_all_start_methods() else None
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             for s, res in zip(starts, pool.map(_scan_chunk, [paths[s : s + chunk] for s in starts])):
                 store(s, res)
     return widths, heights, errors

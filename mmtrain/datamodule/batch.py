@@ -18,6 +18,7 @@ Fields (T = total tokens in the micro-batch, padding included):
   images        fp32  [N, C, H, W]   all tiles of the micro-batch, in sample order
   image_token_index int64 [N * P]    where the N*P image embeddings go in the stream (tile order)
   sample_ids    list[int]   the samples in this micro-batch, in stream order
+  sample_spans  list[(start, end)]  where each sample sits in the stream
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class PackedMicroBatch:
     sample_ids: list[int]
     cu_seqlens_padded: Optional[torch.Tensor] = None
     num_real_tokens: int = 0
-    meta: dict = field(default_factory=dict)
+    sample_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each sample in T
 
     @property
     def num_tokens(self) -> int:
@@ -99,7 +100,7 @@ def build_micro_batch(
     capacity: the largest row a sample set may occupy (packing.seq_length); exceeding it is an error
     naming the samples, never a silent truncation.
     """
-    tokens, labels, mask, pos, bounds, img_idx, pixels, ids = [], [], [], [], [0], [], [], []
+    tokens, labels, mask, pos, bounds, img_idx, pixels, ids, spans = [], [], [], [], [0], [], [], [], []
     offset = 0
     max_seg = 0
     for row in rows:
@@ -129,6 +130,7 @@ def build_micro_batch(
             if s.pixels is not None:
                 pixels.append(s.pixels)
             ids.append(s.sample_id)
+            spans.append((offset + used, offset + used + n))
             used += n
             bounds.append(offset + used)
             max_seg = max(max_seg, n)
@@ -159,6 +161,7 @@ def build_micro_batch(
         image_token_index=torch.from_numpy(np.concatenate(img_idx) if img_idx else np.zeros(0, np.int64)),
         sample_ids=ids,
         num_real_tokens=sum(s.length for row in rows for s in row),
+        sample_spans=spans,
     )
     validate(mb)
     return mb

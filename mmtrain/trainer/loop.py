@@ -11,6 +11,7 @@ DP size change where tokens are computed, never the loss or the update.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -75,6 +76,7 @@ class Built:
 
 def build(cfg: MMTrainConfig) -> Built:
     """Set up process groups, the model on this rank's stage, DDP, the optimizer and the data."""
+    logging.getLogger("megatron").setLevel(logging.WARNING)
     layout = setup.initialize(cfg.parallel, cfg.trainer.device, cfg.trainer.seed)
     dtype = dtype_of(cfg.trainer.precision)
     torch.manual_seed(cfg.trainer.seed)
@@ -129,9 +131,10 @@ def lr_at(cfg: MMTrainConfig, step: int) -> float:
     raise ValueError(f"trainer.lr_decay_style must be constant|linear|cosine, got {t.lr_decay_style!r}")
 
 
-def run_step(b: Built, plan, *, forward_only: bool = False) -> dict:
-    """Forward/backward over this rank's micro-batches of `plan`, then the optimizer step."""
-    mbs = [mb.to(b.layout.device) for mb in b.data.micro_batches(plan)]
+def forward_backward(b: Built, micro_batches: list[PackedMicroBatch], *, forward_only: bool = False, step: int = 0) -> dict:
+    """Run megatron-core's schedule over this rank's micro-batches; grads end in DDP's main_grad,
+    already all-reduced over DP and divided by the global loss-token count."""
+    mbs = [mb.to(b.layout.device) for mb in micro_batches]
     first, last = b.layout.is_first_stage, b.layout.is_last_stage
 
     def forward_step(data_iterator, model):
@@ -146,8 +149,6 @@ def run_step(b: Built, plan, *, forward_only: bool = False) -> dict:
         )
         return out, partial(_loss_func, mb.loss_mask)
 
-    for group in b.optimizer.param_groups:
-        group["lr"] = lr_at(b.cfg, plan.step)
     b.model.zero_grad_buffer()
     b.optimizer.zero_grad()
     t0 = time.perf_counter()
@@ -169,27 +170,32 @@ def run_step(b: Built, plan, *, forward_only: bool = False) -> dict:
             local[0] += d["loss_sum"].double()
             local[1] += d["tokens"].double()
     dist.all_reduce(local)
-    grad_norm, ok = float("nan"), True
-    if not forward_only:
-        ok, grad_norm, _ = b.optimizer.step()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
     return {
         "loss_sum": float(local[0]),
         "loss_tokens": int(local[1]),
-        "grad_norm": grad_norm,
-        "update_ok": bool(ok),
         "compute_s": compute_s,
         "local_tokens": sum(mb.num_tokens for mb in mbs),
     }
 
 
+def run_step(b: Built, plan) -> dict:
+    """Forward/backward over this rank's micro-batches of `plan`, then the optimizer step."""
+    for group in b.optimizer.param_groups:
+        group["lr"] = lr_at(b.cfg, plan.step)
+    r = forward_backward(b, list(b.data.micro_batches(plan)), step=plan.step)
+    ok, grad_norm, _ = b.optimizer.step()
+    r["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    r["update_ok"] = bool(ok)
+    return r
+
+
 class MetricsWriter:
-    def __init__(self, path: Path, enabled: bool) -> None:
+    def __init__(self, path: Path, enabled: bool, append: bool = False) -> None:
         self.enabled = enabled
         self.path = path
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.fh = open(path, "a", buffering=1)
+            self.fh = open(path, "a" if append else "w", buffering=1)
 
     def write(self, rec: dict) -> None:
         if self.enabled:

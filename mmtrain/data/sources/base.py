@@ -100,7 +100,7 @@ class ScanOptions:
 
     accounting: Any = None  # TokenAccounting; None = defaults
     tokenizer: Any = None  # TokenCounter; None = byte-level default
-    workers: int | None = None  # None = all cores
+    workers: int | None = None  # header-reading threads; None = image_headers.default_workers()
     progress: bool = True
     max_images: int = 1  # images allowed per sample before `multiple_images` is logged
 

@@ -1,7 +1,7 @@
 """LLaVA-format JSON / JSONL: `id`, `image` (path under an image root), `conversations`.
 
 Why this layout of work: parsing JSON and counting text is cheap and stays in this process; the
-image headers are the slow part and go to `scan_sizes` (a process pool) in one batch.
+image headers are the slow part and go to `scan_sizes` (a thread pool) in one batch.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The json member holds the conversations list (or a dict with `conversations`). Shards are read with
 plain `tarfile` in streaming mode (members of one sample are consecutive, as webdataset requires),
-one shard per pool worker; the image size comes from the in-memory bytes' header.
+one shard per pool thread (reads release the GIL); the image size comes from the in-memory bytes' header.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import json
 import os
 import re
 import tarfile
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
-from mmtrain.data.image_headers import MISSING, ImageError, image_size_from_bytes
+from mmtrain.data.image_headers import MISSING, ImageError, default_workers, image_size_from_bytes
 from mmtrain.data.sources.base import ScanBuilder, ScanOptions, ScanResult, Source, progress_bar
 from mmtrain.data.sources.llava_json import MALFORMED_JSON, check_record
 
@@ -101,13 +101,9 @@ class WebDatasetSource(Source):
     def scan(self, options: ScanOptions | None = None) -> ScanResult:
         opt = (options or ScanOptions()).resolved()
         out = ScanBuilder()
-        workers = (os.cpu_count() or 1) if opt.workers is None else max(1, opt.workers)
+        workers = default_workers() if opt.workers is None else max(1, opt.workers)
         if workers > 1 and len(self.shards) > 1:
-            import multiprocessing as mp
-
-            # forkserver: forking a process that may already run threads (torch, tqdm) can deadlock
-            ctx = mp.get_context("forkserver") if "forkserver" in mp.get_all_start_methods() else None
-            pool = ProcessPoolExecutor(max_workers=min(workers, len(self.shards)), mp_context=ctx)
+            pool = ThreadPoolExecutor(max_workers=min(workers, len(self.shards)))
             results = pool.map(_read_shard, self.shards)
         else:
             pool, results = None, map(_read_shard, self.shards)
