@@ -3,8 +3,9 @@
     .venv/bin/python bench/pack_bench.py [--data DIR] [--seq-length 8192] [--big 1000000]
 
 Baselines (greedy_knapsack = Megatron-LM's buffer packer, ffd, bfd) run on the same lengths in
-the same process. `tile_lb` is a stronger bound for 256-token tiles: a pack holds at most
-floor((L - 16)/256) tiles' worth of image tokens, so packs >= ceil(sum tiles / that).
+the same process. `best_lb` = max of the volume, Martello-Toth L2 and floor-DFF bounds
+(mmtrain.packing.bounds; with --lp also the column-generation LP bound); `vs_lb` = best_lb / packs,
+i.e. efficiency relative to the best efficiency any plan could reach.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from mmtrain.data.length_table import load_length_table
 from mmtrain.packing.algorithms import ALGORITHMS, DEFAULT_ALGORITHM
+from mmtrain.packing.bounds import best_lower_bound
 from mmtrain.packing.online import BufferedPacker
 from mmtrain.packing.policy import plan_packs
 
@@ -33,7 +35,9 @@ def main() -> None:
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
     ap.add_argument("--seq-length", type=int, default=8192)
     ap.add_argument("--big", type=int, default=1_000_000)
-    ap.add_argument("--buffers", default="1000")
+    ap.add_argument("--buffers", default="100,1000")
+    ap.add_argument("--lp", action="store_true", help="also run the LP bound (slow: up to --lp-seconds per set)")
+    ap.add_argument("--lp-seconds", type=float, default=60.0)
     args = ap.parse_args()
     L = args.seq_length
     print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}, "
@@ -45,25 +49,35 @@ def main() -> None:
     sets["synthetic_1-20tiles_100k"] = synthetic(100_000)
     order = [DEFAULT_ALGORITHM] + [a for a in sorted(ALGORITHMS) if a != DEFAULT_ALGORITHM]
     modes = [(None, True)] + [(int(b), c) for b in args.buffers.split(",") for c in (True, False)]
-    print("| dataset | algorithm | buffer | carry | packs | lower bound | tile_lb | efficiency | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    bounds = {}
     for name, (lens, tiles) in sets.items():
-        tile_lb = int(np.ceil(tiles.sum() / ((L - 16) // 256)))
+        b = best_lower_bound(lens, L, lp=args.lp, time_limit=args.lp_seconds)
+        bounds[name] = b["best"]
+        info = b.get("lp_info", {})
+        print(f"bounds {name}: volume {b['volume']}, L2 {b['l2']}, floor {b['floor']} (q, s = {b['floor_qs']}), "
+              f"lp {b.get('lp', '-')} {({k: info[k] for k in ('lp', 'farley', 'iters', 'optimal')} if info else '')}; "
+              f"best {b['best']} -> max efficiency {lens.sum() / (b['best'] * L):.4f}", flush=True)
+    print()
+    print("| dataset | algorithm | buffer | carry | packs | volume lb | best_lb | efficiency | vs_lb | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, (lens, tiles) in sets.items():
+        best_lb = bounds[name]
         for buf, carry in modes:
             for alg in order:
                 r = plan_packs(lens, L, algorithm=alg, buffer_size=buf, carry_over=carry)
                 s = r.summary()
                 print(f"| {name} | {alg} | {buf or 'offline'} | {carry if buf else '-'} | {s['packs']} | "
-                      f"{s['lower_bound_packs']} | {tile_lb} | {s['efficiency']:.4f} | {s['seconds']:.3f} |",
+                      f"{s['lower_bound_packs']} | {best_lb} | {s['efficiency']:.4f} | {best_lb / s['packs']:.4f} | "
+                      f"{s['seconds']:.3f} |",
                       flush=True)
     lens, _ = synthetic(args.big, 1)
     print(f"\nspeed, synthetic {args.big:,} samples:")
-    for alg in (DEFAULT_ALGORITHM, "greedy_knapsack"):
+    for alg in (DEFAULT_ALGORITHM, "greedy_knapsack", "ffd"):
         r = plan_packs(lens, L, algorithm=alg)
         s = r.summary()
         print(f"  offline {alg}: {s['seconds']:.3f} s, packs {s['packs']}, lb {s['lower_bound_packs']}, eff {s['efficiency']:.4f}")
     n = 200_000
-    for alg in (DEFAULT_ALGORITHM, "greedy_knapsack"):
+    for alg in (DEFAULT_ALGORITHM, "greedy_knapsack", "ffd"):
         bp = BufferedPacker(L, 1000, alg)
         ls = lens[:n].tolist()
         t0 = time.perf_counter()

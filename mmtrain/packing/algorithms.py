@@ -380,16 +380,66 @@ def _fill_with(builder, lengths: np.ndarray, capacity: int, tiles, tb_max: int) 
     return packs
 
 
-FILL_BUILDERS = (_build_greedy_pattern, _build_search_pattern)
-SEARCH_MIN_ITEMS = 5000  # below this (online buffers) only the fast greedy builder runs
+def _build_dp_pattern(pool: _KeyPool, capacity: int, tb_max: int, maxk: int = 256) -> dict[int, int]:
+    """MBS'-style pack: the largest remaining key plus the subset of the remaining keys with the
+    least slack, found exactly by a subset-sum DP over counts (bounded, binary-split multiplicities)
+    on a Python-int bitset of reachable sums. Backtracking takes the largest keys first, so small
+    items are kept for later completions. At most `maxk` distinct keys take part (the smallest
+    quarter and the largest rest). If the result breaks the tile limit the greedy builder is used."""
+    tm = pool.tmul
+    keys = pool.keys
+    top = keys[-1]
+    used = {top: 1}
+    r = capacity - top // tm
+    hi = bisect.bisect_right(keys, r * tm + tm - 1)
+    cand = keys[:hi]
+    if len(cand) > maxk:
+        cand = cand[: maxk // 4] + cand[len(cand) - (maxk - maxk // 4):]
+    full = (1 << (r + 1)) - 1
+    reach = 1
+    items: list[tuple[int, int, int]] = []
+    masks: list[int] = []
+    for k in cand:
+        ln = k // tm
+        avail = pool.cnt[k] - used.get(k, 0)
+        nmax = min(avail, r // ln) if ln else avail
+        m = 1
+        while nmax > 0:
+            t = min(m, nmax)
+            w = ln * t
+            reach = (reach | (reach << w)) & full
+            items.append((k, t, w))
+            masks.append(reach)
+            nmax -= t
+            m *= 2
+    tgt = reach.bit_length() - 1
+    for idx in range(len(items) - 1, -1, -1):
+        k, t, w = items[idx]
+        prev = masks[idx - 1] if idx else 1
+        if tgt >= w and (prev >> (tgt - w)) & 1:
+            used[k] = used.get(k, 0) + t
+            tgt -= w
+    if tb_max < _NO_TILE_LIMIT and sum((k % tm) * m for k, m in used.items()) > tb_max:
+        return _build_greedy_pattern(pool, capacity, tb_max)
+    return used
+
+
+def _build_dp_small(pool: _KeyPool, capacity: int, tb_max: int) -> dict[int, int]:
+    return _build_dp_pattern(pool, capacity, tb_max, maxk=16)
+
+
+FILL_BUILDERS = (_build_dp_pattern, _build_greedy_pattern, _build_search_pattern)
+SMALL_BUILDERS = (_build_greedy_pattern, _build_dp_small)  # buffers: cheap builders only
+SEARCH_MIN_ITEMS = 5000  # below this (online buffers) only SMALL_BUILDERS run
 
 
 def fill(lengths, capacity, tiles=None, max_tiles=None, seed=0) -> Packs:
     """Default packer ("best fit with completion"): each pack is the largest remaining item plus
-    a fill chosen by subset-sum search over the remaining (length, tiles) keys, with an exact
-    pair completion. Two pattern builders (largest-first greedy with a bounded triple search,
-    and a bounded DFS) (the DFS only on inputs of at least SEARCH_MIN_ITEMS samples) and, as a
-    safety net, the largest-fits greedy are run and the plan with fewest packs is kept. Inputs of at most
+    a fill chosen over the remaining (length, tiles) keys. Pattern builders: minimum-slack
+    subset-sum DP (`_build_dp_pattern`), largest-first greedy with a bounded triple search, and a
+    bounded DFS; inputs of at least SEARCH_MIN_ITEMS samples run all three (DP over up to 256
+    keys), smaller inputs (online buffers) the greedy and a 16-key DP. As a safety net the
+    largest-fits greedy also runs; the plan with fewest packs is kept (ties: earlier builder). Inputs of at most
     EXACT_MAX_ITEMS samples are solved optimally."""
     n = len(lengths)
     if n == 0:
@@ -398,7 +448,7 @@ def fill(lengths, capacity, tiles=None, max_tiles=None, seed=0) -> Packs:
         return exact_small(lengths, capacity, tiles, max_tiles, seed)
     tb_max = _NO_TILE_LIMIT if max_tiles is None else max_tiles
     best: Packs | None = None
-    for builder in FILL_BUILDERS if n >= SEARCH_MIN_ITEMS else FILL_BUILDERS[:1]:
+    for builder in FILL_BUILDERS if n >= SEARCH_MIN_ITEMS else SMALL_BUILDERS:
         packs = _fill_with(builder, lengths, capacity, tiles, tb_max)
         if best is None or len(packs) < len(best):
             best = packs

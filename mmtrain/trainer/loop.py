@@ -82,7 +82,9 @@ def build(cfg: MMTrainConfig) -> Built:
     torch.manual_seed(cfg.trainer.seed)
     on_cpu = layout.device.type == "cpu"
     vlm = VLM(cfg.model, ParallelShape(layout.tp, layout.pp), dtype, use_cpu_init=on_cpu, backend=cfg.model.attention_backend)
-    vlm.to(layout.device)
+    # Our own ViT stem (conv, positions, pre-LN) is built in fp32; run the whole model in the
+    # training dtype (the megatron optimizer keeps fp32 main params for bf16).
+    vlm.to(device=layout.device, dtype=dtype)
     use_dist_opt = cfg.parallel.use_distributed_optimizer
     if use_dist_opt is None:
         use_dist_opt = not on_cpu

@@ -1,0 +1,110 @@
+"""Lower bounds (validity vs brute force) and the minimum-slack DP builder of `fill`."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mmtrain.packing import algorithms as A
+from mmtrain.packing.algorithms import pack_lengths
+from mmtrain.packing.bounds import best_lower_bound, floor_bound, l2_bound, lp_bound, volume_bound
+
+import itertools
+
+from mmtrain.packing.algorithms import align_up
+
+
+def check(packs, lengths, cap, tiles=None, max_tiles=None, sa=1, pa=1):
+    assert sorted(i for p in packs for i in p) == list(range(len(lengths))), "every sample exactly once"
+    lengths = np.asarray(lengths)
+    for p in packs:
+        assert p and int(align_up(align_up(lengths[p], sa).sum(), pa)) <= cap
+        if max_tiles is not None:
+            assert int(np.asarray(tiles)[p].sum()) <= max_tiles
+
+
+def synth(n, seed=0):
+    rng = np.random.default_rng(seed)
+    tiles = rng.integers(1, 21, n)
+    return tiles * 256 + rng.integers(16, 129, n), tiles
+
+
+def brute_min_packs(lens, cap):
+    n, best = len(lens), len(lens)
+    for assign in itertools.product(range(n), repeat=n):
+        if max(assign) + 1 >= best or any(assign[i] > max(assign[:i], default=-1) + 1 for i in range(n)):
+            continue
+        sums = [0] * n
+        for i, b in enumerate(assign):
+            sums[b] += lens[i]
+        if max(sums) <= cap:
+            best = max(assign) + 1
+    return best
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 60), min_size=1, max_size=6), st.integers(60, 120))
+def test_bounds_never_exceed_optimum(lens, cap):
+    opt = brute_min_packs(lens, cap)
+    b = best_lower_bound(lens, cap, lp=True, time_limit=5.0)
+    assert b["volume"] <= b["best"] <= opt
+    assert max(b["l2"], b["floor"], b["lp"]) == b["best"]
+
+
+def test_l2_counts_big_items():
+    # three items just over L/2 need three packs; the volume bound says 2
+    lens = [51, 51, 51]
+    assert volume_bound(lens, 100) == 2
+    assert l2_bound(lens, 100) == 3
+    assert lp_bound(lens, 100)["bound"] == 3
+
+
+def test_floor_bound_is_tile_bound_on_vlm_lengths():
+    lens, tiles = synth(20000, 7)
+    b, (q, s) = floor_bound(lens, 8192)
+    assert b >= -(-int(tiles.sum()) // 31)  # <= 31 tiles of 256 tokens per pack (text >= 16 each)
+    assert b >= volume_bound(lens, 8192)
+
+
+def test_lp_bound_valid_and_farley_monotone():
+    rng = np.random.default_rng(0)
+    lens = rng.integers(20, 70, 40)
+    r = lp_bound(lens, 100, time_limit=10)
+    assert r["bound"] >= volume_bound(lens, 100)
+    packs = pack_lengths(lens, 100)
+    check(packs, lens, 100)
+    assert r["bound"] <= len(packs)
+
+
+def test_dp_builder_finds_exact_fill():
+    # 10 = 6 + 4 = 5 + 3 + 2: every pack can be exactly full
+    lens = [6, 4, 5, 3, 2] * 30
+    pool = A._KeyPool(np.asarray(lens), None)
+    used = A._build_dp_pattern(pool, 10, A._NO_TILE_LIMIT)
+    assert sum(k * m for k, m in used.items()) == 10
+    packs = pack_lengths(lens, 10)
+    check(packs, lens, 10)
+    assert len(packs) == sum(lens) // 10
+
+
+@pytest.mark.parametrize("maxk", [4, 16, 256])
+def test_dp_builder_valid_with_tiles_and_alignment(maxk, monkeypatch):
+    lens, tiles = synth(6000, 11)
+    monkeypatch.setattr(A, "FILL_BUILDERS", (lambda p, c, t: A._build_dp_pattern(p, c, t, maxk=maxk),))
+    p = pack_lengths(lens, 8192, "fill", tiles=tiles, max_tiles_per_pack=24, segment_align=16, pack_align=128)
+    check(p, lens, 8192, tiles, 24, 16, 128)
+    assert p == pack_lengths(lens, 8192, "fill", tiles=tiles, max_tiles_per_pack=24, segment_align=16, pack_align=128)
+
+
+@pytest.mark.skipif(not (DATA / "ai2d_train_12k.csv").exists(), reason="shared data not present")
+def test_fill_near_volume_bound_on_ai2d():
+    from mmtrain.data.length_table import load_length_table
+
+    lens = load_length_table(DATA / "ai2d_train_12k.csv").lengths
+    packs = pack_lengths(lens, 8192)
+    check(packs, lens, 8192)
+    assert len(packs) <= volume_bound(lens, 8192) + 2  # efficiency >= 0.998
