@@ -45,9 +45,13 @@ class SyntheticTilesSource:
         return Sample(sample_id=index, text=text, pixels=pixels, tiles=tiles, image_tokens=image_tokens)
 
 
-def build_source(cfg: MMTrainConfig, tokens_per_tile: int) -> SyntheticTilesSource:
+def build_source(cfg: MMTrainConfig, tokens_per_tile: int):
+    if cfg.data.name == "llava_json":
+        from mmtrain.datamodule.llava_source import LlavaJsonTrainSource
+
+        return LlavaJsonTrainSource(cfg, tokens_per_tile)
     if cfg.data.name != "synthetic_tiles":
-        raise ValueError(f"data={cfg.data.name!r} is not a training source yet; use data=synthetic_tiles")
+        raise ValueError(f"data={cfg.data.name!r} is not a training source yet; use data=synthetic_tiles or data=llava_json")
     return SyntheticTilesSource(cfg, tokens_per_tile)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import torchrun
+from mmtest_utils import torchrun
 
 BASE = [
     "model=tiny",

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from mmtest_utils import REPO
 
 SMALL = ["model=tiny", "data.num_samples=96", "data.max_tiles=4", "trainer.global_batch_size=8", "packing.buffer_size=8"]
 

@@ -44,7 +44,7 @@ def test_bad_config_and_recipe_fail_clearly():
     res = _run(["--recipe", "h20_1gpu", "--dry-run", "trainer.max_steps=ten"])
     assert res.returncode != 0 and "trainer.max_steps" in res.stderr
     res = _run(["--recipe", "h20_9gpu", "--dry-run"])
-    assert res.returncode != 0 and "unknown recipe 'h20_9gpu'" in res.stderr
+    assert res.returncode != 0 and "h20_9gpu" in res.stderr
     res = _run(["--recipe", "h20_4gpu_dp4", "--dry-run", "--nproc-per-node", "3", "parallel=tp2"])
     assert res.returncode != 0 and "not a multiple" in res.stderr
 
