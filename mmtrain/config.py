@@ -81,6 +81,7 @@ class PackingConfig:
     algorithm: str = "default"
     max_images_per_pack: Optional[int] = None  # cap on tiles per pack (ViT memory); None = no cap
     align: int = 1  # pad each pack to a multiple of this (TP/SP/CP/FP8 divisibility)
+    segment_align: int = 1  # pad each sample segment to a multiple of this (CP: 2*cp; FP8: 16)
     oversize_policy: str = "error"  # error | truncate | drop
     # unpacked runs: "seq_length" pads every sample to packing.seq_length (the seed's baseline);
     # "none" runs each sample at its own length.

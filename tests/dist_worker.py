@@ -1,8 +1,9 @@
 """Worker for the multi-process equivalence tests (run under torchrun, gloo, CPU).
 
 Modes:
-  equivalence OUT overrides...  one global batch through the *same* model twice, packed and unpacked
-                                (same samples: packing.buffer_size == global_batch_size); records the
+  equivalence OUT overrides...  one global batch through the *same* model twice, in two layouts given by
+                                MMTRAIN_EQ_VARIANTS (default packed vs unpacked; same samples because
+                                packing.buffer_size == global_batch_size); records the
                                 loss, every parameter gradient (this rank's shard) and, at PP=1, the
                                 logits of every real token, keyed by sample id.
   train OUT overrides...        a few optimizer steps; records losses and a digest of the updated
@@ -47,21 +48,27 @@ def _logits_by_sample(b, micro_batches) -> dict[int, torch.Tensor]:
     return out
 
 
-def equivalence(path: str, overrides: list[str]) -> None:
+def equivalence(path: str, overrides: list[str], variants: tuple[str, str]) -> None:
+    """Same global batch, same model, two data layouts (variants a/b, e.g. packing on/off); a variant
+    is one or more space-separated overrides."""
     results = {}
-    cfg = compose(overrides + ["packing.enabled=true"])
-    b = loop.build(cfg)
+    b = loop.build(compose(overrides + variants[0].split()))
     lay = b.layout
-    for packed in (True, False):
-        c = compose(overrides + [f"packing.enabled={str(packed).lower()}"])
+    for key, variant in zip(("a", "b"), variants):
+        c = compose(overrides + variant.split())
         dm = DataModule(c, dp=lay.dp, dp_rank=lay.dp_rank, pp=lay.pp, first_stage=lay.is_first_stage, tokens_per_tile=b.tokens_per_tile)
         plan = dm.next_step()
         mbs = list(dm.micro_batches(plan))
         r = loop.forward_backward(b, mbs)
-        rec = {"loss": r["loss_sum"] / r["loss_tokens"], "samples": sorted(plan.sample_ids), "grads": _grads(b)}
+        rec = {
+            "loss": r["loss_sum"] / r["loss_tokens"],
+            "samples": sorted(plan.sample_ids),
+            "grads": _grads(b),
+            "layout": plan.rank_micro_batches,
+        }
         if lay.pp == 1:
             rec["logits"] = {(lay.tp_rank, sid): v for sid, v in _logits_by_sample(b, mbs).items()}
-        results["packed" if packed else "unpacked"] = rec
+        results[key] = rec
     torch.save(results, f"{path}.rank{lay.rank}.pt")
 
 
@@ -91,7 +98,13 @@ def train(path: str, overrides: list[str]) -> None:
 if __name__ == "__main__":
     mode, out, *ovr = sys.argv[1:]
     try:
-        {"equivalence": equivalence, "train": train}[mode](out, ovr)
+        if mode == "equivalence":  # MMTRAIN_EQ_VARIANTS="a-override;b-override"
+            import os
+
+            a, b_ = os.environ.get("MMTRAIN_EQ_VARIANTS", "packing.enabled=true;packing.enabled=false").split(";")
+            equivalence(out, ovr, (a, b_))
+        else:
+            train(out, ovr)
     finally:
         from mmtrain.parallel import setup
 

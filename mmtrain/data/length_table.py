@@ -1,7 +1,8 @@
 """Per-sample length tables (CSV / Parquet / NPY): what packing and balancing need, no pixels.
 
 Columns: `image_tokens`, `text_tokens`, optional `tiles` (zeros if absent) and `id` (row number if
-absent). CSV goes through pyarrow when installed (1M rows in well under a second), else a numpy
+absent). Integer ids are kept as int64; any other id column (e.g. "GCC_train_002582585") is kept as an
+object array of str. CSV goes through pyarrow when installed (1M rows in well under a second), else a numpy
 fast path for plain integer CSV.
 """
 
@@ -31,8 +32,10 @@ class LengthTable:
         return self.image_tokens + self.text_tokens
 
     @property
-    def total_tokens(self) -> int:
-        return int(self.image_tokens.sum() + self.text_tokens.sum())
+    def total_tokens(self) -> np.ndarray:
+        """Per-sample decoder tokens (image + text), int64; same values as `lengths` (use
+        `.sum()` for the table total)."""
+        return self.image_tokens + self.text_tokens
 
     def fingerprint(self) -> str:
         from mmtrain.packing.plan import fingerprint
@@ -45,7 +48,9 @@ def _from_columns(cols: dict, path: Path) -> LengthTable:
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; found {sorted(cols)} (need {list(REQUIRED)}, optional tiles, id)")
     n = len(cols["text_tokens"])
-    arr = {k: np.asarray(v).astype(np.int64, copy=False) for k, v in cols.items() if k in (*REQUIRED, "tiles", "id")}
+    arr = {k: _int_column(v, k, path) for k, v in cols.items() if k in (*REQUIRED, "tiles")}
+    if "id" in cols:
+        arr["id"] = _id_column(cols["id"])
     for k, a in arr.items():
         if len(a) != n:
             raise ValueError(f"{path}: column {k} has {len(a)} rows, text_tokens has {n}")
@@ -54,6 +59,28 @@ def _from_columns(cols: dict, path: Path) -> LengthTable:
     tiles = arr.get("tiles", np.zeros(n, np.int64))
     ids = arr.get("id", np.arange(n, dtype=np.int64))
     return LengthTable(arr["image_tokens"], arr["text_tokens"], tiles, ids, str(path))
+
+
+def _int_column(v, name: str, path: Path) -> np.ndarray:
+    a = np.asarray(v)
+    if a.dtype.kind not in "iub":
+        try:
+            a = a.astype(np.int64)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: column {name} must be integer, got {a.dtype} ({e})") from None
+    return a.astype(np.int64, copy=False)
+
+
+def _id_column(v) -> np.ndarray:
+    """int64 when every id is an integer, else an object array of str (never coerced to numbers)."""
+    a = np.asarray(v)
+    if a.dtype.kind in "iub":
+        return a.astype(np.int64, copy=False)
+    if a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
+        return a.astype(np.int64)
+    out = np.empty(len(a), dtype=object)
+    out[:] = [x.decode() if isinstance(x, bytes) else str(x) for x in a.tolist()]
+    return out
 
 
 def _read_csv(path: Path) -> dict:
@@ -67,11 +94,15 @@ def _read_csv(path: Path) -> dict:
     raw = path.read_bytes()
     head, _, body = raw.partition(b"\n")
     names = [h.strip().decode() for h in head.split(b",")]
-    vals = np.array(body.replace(b",", b" ").split(), dtype=np.int64)
-    if len(vals) % len(names):
-        raise ValueError(f"{path}: {len(vals)} values is not a multiple of {len(names)} columns")
-    vals = vals.reshape(-1, len(names))
-    return {n: vals[:, i] for i, n in enumerate(names)}
+    toks = body.replace(b",", b" ").split()
+    if len(toks) % len(names):
+        raise ValueError(f"{path}: {len(toks)} values is not a multiple of {len(names)} columns")
+    try:
+        vals = np.array(toks, dtype=np.int64).reshape(-1, len(names))
+        return {n: vals[:, i] for i, n in enumerate(names)}
+    except ValueError:  # a non-integer column (string ids): parse column by column
+        cells = np.array([t.decode() for t in toks], dtype=object).reshape(-1, len(names))
+        return {n: cells[:, i] for i, n in enumerate(names)}
 
 
 def load_length_table(path) -> LengthTable:

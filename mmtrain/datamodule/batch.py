@@ -92,6 +92,7 @@ def build_micro_batch(
     image_shape: tuple[int, int, int],
     capacity: int,
     pack_align: int = 1,
+    segment_align: int = 1,
 ) -> PackedMicroBatch:
     """Lay out rows of samples as one thd stream.
 
@@ -99,8 +100,13 @@ def build_micro_batch(
     None pads each row only up to a multiple of `pack_align`.
     capacity: the largest row a sample set may occupy (packing.seq_length); exceeding it is an error
     naming the samples, never a silent truncation.
+    segment_align: pad every sample segment to a multiple of this (CP/FP8 divisibility). Then
+    `cu_seqlens_padded` holds the stream boundaries and `cu_seqlens` the cumulative real lengths
+    (TE's thd convention); kernels and rope use the padded one, and since the padding sits after the
+    real tokens of a causal segment, real tokens see exactly what they would see unpadded.
     """
     tokens, labels, mask, pos, bounds, img_idx, pixels, ids, spans = [], [], [], [], [0], [], [], [], []
+    real_bounds = [0]
     offset = 0
     max_seg = 0
     for row in rows:
@@ -131,9 +137,14 @@ def build_micro_batch(
                 pixels.append(s.pixels)
             ids.append(s.sample_id)
             spans.append((offset + used, offset + used + n))
-            used += n
+            seg = _round_up(n, segment_align)
+            if seg > n:  # per-segment alignment padding, inside the sample's (padded) segment
+                tokens.append(np.full(seg - n, PAD_ID, np.int64)), labels.append(np.full(seg - n, PAD_ID, np.int64))
+                mask.append(np.zeros(seg - n, np.float32)), pos.append(np.arange(n, seg))
+            used += seg
             bounds.append(offset + used)
-            max_seg = max(max_seg, n)
+            real_bounds.append(real_bounds[-1] + n)
+            max_seg = max(max_seg, seg)
         if used > capacity:
             raise BadBatchError(
                 f"row with samples {[s.sample_id for s in row]} holds {used} tokens > packing.seq_length={capacity}"
@@ -146,16 +157,19 @@ def build_micro_batch(
             tokens.append(np.full(pad, PAD_ID, np.int64)), labels.append(np.full(pad, PAD_ID, np.int64))
             mask.append(np.zeros(pad, np.float32)), pos.append(np.arange(pad))
             bounds.append(offset + target)
+            real_bounds.append(real_bounds[-1] + pad)
             max_seg = max(max_seg, pad)
         offset += target
     c, h, w = image_shape
     images = np.concatenate(pixels) if pixels else np.zeros((0, c, h, w), np.float32)
+    aligned = segment_align > 1
     mb = PackedMicroBatch(
         tokens=torch.from_numpy(np.concatenate(tokens)),
         labels=torch.from_numpy(np.concatenate(labels)),
         loss_mask=torch.from_numpy(np.concatenate(mask)),
         position_ids=torch.from_numpy(np.concatenate(pos)),
-        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+        cu_seqlens=torch.tensor(real_bounds if aligned else bounds, dtype=torch.int32),
+        cu_seqlens_padded=torch.tensor(bounds, dtype=torch.int32) if aligned else None,
         max_seqlen=int(max_seg),
         images=torch.from_numpy(images),
         image_token_index=torch.from_numpy(np.concatenate(img_idx) if img_idx else np.zeros(0, np.int64)),
@@ -169,8 +183,12 @@ def build_micro_batch(
 
 def validate(mb: PackedMicroBatch) -> None:
     """Check the invariants the attention kernels and rope rely on; raise naming the samples."""
-    cu = mb.cu_seqlens
     where = f"micro-batch with samples {mb.sample_ids[:8]}{'...' if len(mb.sample_ids) > 8 else ''}"
+    if mb.cu_seqlens_padded is not None:
+        real, padded = mb.cu_seqlens, mb.cu_seqlens_padded
+        if real.shape != padded.shape or bool(((real[1:] - real[:-1]) > (padded[1:] - padded[:-1])).any()):
+            raise BadBatchError(f"{where}: cu_seqlens (real lengths) exceed cu_seqlens_padded segments")
+    cu = mb.cu_seqlens if mb.cu_seqlens_padded is None else mb.cu_seqlens_padded
     if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
         raise BadBatchError(f"{where}: cu_seqlens must be a 1-D int32 tensor with >= 2 entries")
     if int(cu[0]) != 0 or int(cu[-1]) != mb.num_tokens:

@@ -79,6 +79,7 @@ class DataModule:
             pipeline_order=cfg.balancing.pipeline_order,
             max_images_per_pack=p.max_images_per_pack,
             pack_align=p.align,
+            segment_align=p.segment_align,
             oversize_policy=p.oversize_policy,
             carry_over=p.carry_over if p.carry_over is not None else p.buffer_size != t.global_batch_size,
         )
@@ -93,10 +94,17 @@ class DataModule:
         return None
 
     def padded_tokens(self, plan: StepPlan) -> int:
-        """Tokens the whole step computes on (all ranks), padding included."""
+        """Tokens the whole step computes on (all ranks), alignment and row padding included."""
         fixed = self.row_length()
-        a = max(self.cfg.packing.align, 1)
-        return sum(fixed if fixed is not None else -(-max(n, 1) // a) * a for n in plan.row_tokens)
+        if fixed is not None:
+            return fixed * len(plan.rows)
+        a, seg = max(self.cfg.packing.align, 1), max(self.cfg.packing.segment_align, 1)
+        lengths = self.planner.lengths
+        total = 0
+        for row in plan.rows:
+            used = sum(-(-int(plan.kept_length.get(i, lengths[i])) // seg) * seg for i in row)
+            total += -(-max(used, 1) // a) * a
+        return total
 
     def next_step(self) -> StepPlan:
         return self.planner.next_step()
@@ -115,6 +123,7 @@ class DataModule:
                 image_shape=self.image_shape,
                 capacity=self.cfg.packing.seq_length,
                 pack_align=max(self.cfg.packing.align, 1),
+                segment_align=max(self.cfg.packing.segment_align, 1),
             )
 
     def state_dict(self) -> dict:

@@ -60,6 +60,7 @@ class PlannerSettings:
     pipeline_order: bool = True
     max_images_per_pack: Optional[int] = None
     pack_align: int = 1
+    segment_align: int = 1
     oversize_policy: str = "error"
     carry_over: bool = False
 
@@ -115,6 +116,7 @@ class StepPlanner:
             self.s.algorithm,
             max_tiles_per_pack=self.s.max_images_per_pack,
             pack_align=self.s.pack_align,
+            segment_align=self.s.segment_align,
             oversize_policy=self.s.oversize_policy,
             carry_over=self.s.carry_over,
         )

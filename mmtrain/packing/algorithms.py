@@ -39,6 +39,24 @@ class _KeyPool:
         self.keys: list[int] = ukeys.tolist()  # alive keys only (mutated)
         self.cnt: dict[int, int] = dict(zip(self.keys, counts.tolist()))
         self.ptr: dict[int, int] = dict(zip(self.keys, starts.tolist()))
+        self.memo: dict = {}  # builder caches (valid while counts only decrease)
+
+    def clone(self) -> "_KeyPool":
+        """Fresh mutable state over the same sorted samples (no re-sort)."""
+        c = object.__new__(_KeyPool)
+        c.tmul, c.order = self.tmul, self.order
+        c.keys, c.cnt, c.ptr, c.memo = list(self.keys), dict(self.cnt), dict(self.ptr), {}
+        return c
+
+    def consume(self, key: int, k: int) -> int:
+        """Like take() but returns the start offset into `order` (no array slicing)."""
+        p = self.ptr[key]
+        self.ptr[key] = p + k
+        c = self.cnt[key] - k
+        self.cnt[key] = c
+        if c == 0:
+            del self.keys[bisect.bisect_left(self.keys, key)]
+        return p
 
     def length(self, key: int) -> int:
         return key // self.tmul
@@ -364,20 +382,51 @@ def _build_search_pattern(pool: _KeyPool, capacity: int, tb_max: int, branch: in
     return used
 
 
-def _fill_with(builder, lengths: np.ndarray, capacity: int, tiles, tb_max: int) -> Packs:
-    """Build a pattern (multiset of keys) for the largest remaining item and emit it as many
-    times as the counts allow at once: O(patterns) searches, not O(items)."""
-    pool = _KeyPool(lengths, tiles)
-    blocks: list[np.ndarray] = []
+def _plan_with(builder, pool: _KeyPool, capacity: int, tb_max: int) -> tuple[int, list]:
+    """Build a pattern (multiset of keys) for the largest remaining item and repeat it as many
+    times as the counts allow: O(patterns) builder calls, not O(items). Counts only: returns
+    (number of packs, [(reps, [(key, start, m), ...])]); `_materialize` turns it into packs."""
+    npacks = 0
+    plan: list = []
     while pool.keys:
-        pat = {k: m for k, m in builder(pool, capacity, tb_max).items() if m > 0}
-        reps = min(pool.cnt[k] // m for k, m in pat.items())
-        cols = [pool.take(k, reps * m).reshape(reps, m) for k, m in sorted(pat.items(), reverse=True)]
-        blocks.append(cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1))
+        pat = builder(pool, capacity, tb_max)
+        cnt = pool.cnt
+        reps = min(cnt[k] // m for k, m in pat.items() if m > 0)
+        plan.append((reps, [(k, pool.consume(k, reps * m), m) for k, m in sorted(pat.items(), reverse=True) if m > 0]))
+        npacks += reps
+    return npacks, plan
+
+
+def _materialize(order: np.ndarray, plan: list) -> Packs:
     packs: Packs = []
-    for b in blocks:
-        packs.extend(b.tolist())
+    for reps, cols in plan:
+        if reps == 1:
+            packs.append([i for k, p, m in cols for i in order[p : p + m].tolist()])
+            continue
+        blocks = [order[p : p + reps * m].reshape(reps, m) for k, p, m in cols]
+        packs.extend((blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)).tolist())
     return packs
+
+
+def _fill_with(builder, lengths: np.ndarray, capacity: int, tiles, tb_max: int) -> Packs:
+    pool = _KeyPool(lengths, tiles)
+    return _materialize(pool.order, _plan_with(builder, pool, capacity, tb_max)[1])
+
+
+def _build_largest_fits(pool: _KeyPool, capacity: int, tb_max: int) -> dict[int, int]:
+    """greedy_knapsack's pack as a pattern: repeating it while counts allow gives exactly the
+    packs greedy_knapsack would build one by one (its choices only depend on which keys fit)."""
+    tm = pool.tmul
+    top = pool.keys[-1]
+    used = {top: 1}
+    r, tb = capacity - top // tm, tb_max - top % tm
+    while True:
+        k = pool.largest_upto(r, tb, used=used)
+        if k < 0:
+            return used
+        used[k] = used.get(k, 0) + 1
+        r -= k // tm
+        tb -= k % tm
 
 
 def _build_dp_pattern(pool: _KeyPool, capacity: int, tb_max: int, maxk: int = 256) -> dict[int, int]:
@@ -391,6 +440,18 @@ def _build_dp_pattern(pool: _KeyPool, capacity: int, tb_max: int, maxk: int = 25
     top = keys[-1]
     used = {top: 1}
     r = capacity - top // tm
+    # Memo per residual: counts only decrease, so a cached optimum that is still available is
+    # still optimal (up to the maxk window); the same residual recurs constantly.
+    memo = pool.memo.setdefault(("dp", maxk), {})
+    hit = memo.get(r)
+    if hit is not None:
+        cnt = pool.cnt
+        if all(cnt.get(k, 0) - (k == top) >= m for k, m in hit):
+            for k, m in hit:
+                used[k] = used.get(k, 0) + m
+            if tb_max < _NO_TILE_LIMIT and sum((k % tm) * m for k, m in used.items()) > tb_max:
+                return _build_greedy_pattern(pool, capacity, tb_max)
+            return used
     hi = bisect.bisect_right(keys, r * tm + tm - 1)
     cand = keys[:hi]
     if len(cand) > maxk:
@@ -413,12 +474,16 @@ def _build_dp_pattern(pool: _KeyPool, capacity: int, tb_max: int, maxk: int = 25
             nmax -= t
             m *= 2
     tgt = reach.bit_length() - 1
+    sub: dict[int, int] = {}
     for idx in range(len(items) - 1, -1, -1):
         k, t, w = items[idx]
         prev = masks[idx - 1] if idx else 1
         if tgt >= w and (prev >> (tgt - w)) & 1:
-            used[k] = used.get(k, 0) + t
+            sub[k] = sub.get(k, 0) + t
             tgt -= w
+    memo[r] = tuple(sub.items())
+    for k, m in sub.items():
+        used[k] = used.get(k, 0) + m
     if tb_max < _NO_TILE_LIMIT and sum((k % tm) * m for k, m in used.items()) > tb_max:
         return _build_greedy_pattern(pool, capacity, tb_max)
     return used
@@ -428,9 +493,29 @@ def _build_dp_small(pool: _KeyPool, capacity: int, tb_max: int) -> dict[int, int
     return _build_dp_pattern(pool, capacity, tb_max, maxk=16)
 
 
+ADAPTIVE_SLACK = 0.002  # accept the cheap pack when it leaves at most this share of capacity
+
+
+def _build_adaptive(pool: _KeyPool, capacity: int, tb_max: int, maxk: int = 32) -> dict[int, int]:
+    """Cheap first: the largest-fits pack; only when it leaves more than ADAPTIVE_SLACK of the
+    capacity run the min-slack DP (memoised per residual) and keep the fuller of the two."""
+    g = _build_largest_fits(pool, capacity, tb_max)
+    tm = pool.tmul
+    slack = capacity - sum((k // tm) * m for k, m in g.items())
+    if slack <= ADAPTIVE_SLACK * capacity:
+        return g
+    d = _build_dp_pattern(pool, capacity, tb_max, maxk=maxk)
+    return d if capacity - sum((k // tm) * m for k, m in d.items()) < slack else g
+
+
 FILL_BUILDERS = (_build_dp_pattern, _build_greedy_pattern, _build_search_pattern)
 SMALL_BUILDERS = (_build_greedy_pattern, _build_dp_small)  # buffers: cheap builders only
 SEARCH_MIN_ITEMS = 5000  # below this (online buffers) only SMALL_BUILDERS run
+# Offline inputs up to this size also try buffered-with-carry plans (the buffers mix sizes and the
+# carried under-filled packs are re-packed with fresh samples; on e.g. docvqa that beats the
+# global largest-first plan). Costs about n / 50k seconds per buffer size, hence the cap.
+OFFLINE_BUFFERED_MAX_ITEMS = 250_000
+OFFLINE_BUFFERS = (1000, 2000)
 
 
 def fill(lengths, capacity, tiles=None, max_tiles=None, seed=0) -> Packs:
@@ -438,25 +523,36 @@ def fill(lengths, capacity, tiles=None, max_tiles=None, seed=0) -> Packs:
     a fill chosen over the remaining (length, tiles) keys. Pattern builders: minimum-slack
     subset-sum DP (`_build_dp_pattern`), largest-first greedy with a bounded triple search, and a
     bounded DFS; inputs of at least SEARCH_MIN_ITEMS samples run all three (DP over up to 256
-    keys), smaller inputs (online buffers) the greedy and a 16-key DP. As a safety net the
-    largest-fits greedy also runs; the plan with fewest packs is kept (ties: earlier builder). Inputs of at most
-    EXACT_MAX_ITEMS samples are solved optimally."""
+    keys), smaller inputs (online buffers) one adaptive plan (largest-fits pack, min-slack DP only
+    where that leaves slack). Offline inputs also run the count-based largest-fits greedy (the
+    exact greedy_knapsack plan) as a safety net; the plan with fewest packs is kept (ties: earlier
+    builder). Plans are built on counts and only the winner is turned into index lists. Inputs
+    of at most EXACT_MAX_ITEMS samples are solved optimally."""
     n = len(lengths)
     if n == 0:
         return []
     if n <= EXACT_MAX_ITEMS:
         return exact_small(lengths, capacity, tiles, max_tiles, seed)
     tb_max = _NO_TILE_LIMIT if max_tiles is None else max_tiles
-    best: Packs | None = None
-    for builder in FILL_BUILDERS if n >= SEARCH_MIN_ITEMS else SMALL_BUILDERS:
-        packs = _fill_with(builder, lengths, capacity, tiles, tb_max)
-        if best is None or len(packs) < len(best):
-            best = packs
-    # cheap safety net: never worse than the count-based largest-fits greedy
-    packs = greedy_knapsack(lengths, capacity, tiles, max_tiles, seed)
-    if len(packs) < len(best):
-        best = packs
-    return best
+    base = _KeyPool(lengths, tiles)
+    builders = FILL_BUILDERS + (_build_largest_fits,) if n >= SEARCH_MIN_ITEMS else SMALL_BUILDERS
+    best = None
+    for builder in builders:
+        cnt, plan = _plan_with(builder, base.clone(), capacity, tb_max)
+        if best is None or cnt < best[0]:
+            best = (cnt, plan)
+    packs = _materialize(base.order, best[1])
+    if SEARCH_MIN_ITEMS <= n <= OFFLINE_BUFFERED_MAX_ITEMS:
+        from mmtrain.packing.policy import plan_packs  # policy imports this module
+
+        for b in OFFLINE_BUFFERS:
+            if b >= n or b >= SEARCH_MIN_ITEMS:
+                continue
+            r = plan_packs(lengths, capacity, algorithm="fill", buffer_size=b, tiles=tiles,
+                           max_tiles_per_pack=max_tiles, seed=seed, carry_over=True)
+            if len(r.packs) < len(packs):
+                packs = r.packs
+    return packs
 
 
 def exact_small(lengths, capacity, tiles=None, max_tiles=None, seed=0) -> Packs:

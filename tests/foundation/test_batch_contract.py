@@ -84,3 +84,16 @@ def test_cpu_compat_patched_symbols_still_exist():
 
     for module, attr in PATCHED_SYMBOLS:
         assert hasattr(importlib.import_module(module), attr), f"megatron-core changed: {module}.{attr} is gone"
+
+
+def test_segment_alignment_gives_a_padded_cu_seqlens():
+    mb = build_micro_batch(
+        [[sample(1, 1, 3), sample(2, 1, 2)]], row_length=None, tokens_per_tile=P, image_shape=SHAPE, capacity=64,
+        pack_align=16, segment_align=4,
+    )
+    # sample 1: 7 real tokens -> 8; sample 2: 6 -> 8; row padded 16 -> 16 (no extra padding segment)
+    assert mb.cu_seqlens_padded.tolist() == [0, 8, 16]
+    assert mb.cu_seqlens.tolist() == [0, 7, 13]
+    assert mb.sample_spans == [(0, 7), (8, 14)]
+    assert mb.loss_mask[7] == 0 and mb.loss_mask[14:].sum() == 0
+    assert mb.max_seqlen == 8
