@@ -51,11 +51,8 @@ def load_source(source: str, seed: int = 0) -> Table:
         rng = np.random.default_rng(seed)
         tiles = rng.integers(1, 21, n)
         return Table(tiles, tiles * 256, rng.integers(16, 129, n))
-    try:
-        from mmtrain.data.length_table import load_length_table
-    except ImportError:  # the data component's loader is not there yet: plain CSV
-        arr = np.genfromtxt(source, delimiter=",", names=True, dtype=np.int64)
-        return Table(arr["tiles"], arr["image_tokens"], arr["text_tokens"])
+    from mmtrain.data.length_table import load_length_table
+
     t = load_length_table(source)
     img = np.asarray(t.image_tokens, dtype=np.int64)
     tiles = np.asarray(t.tiles, dtype=np.int64) if t.tiles is not None else (img > 0).astype(np.int64)

@@ -429,7 +429,7 @@ def _build_largest_fits(pool: _KeyPool, capacity: int, tb_max: int) -> dict[int,
         tb -= k % tm
 
 
-def _build_dp_pattern(pool: _KeyPool, capacity: int, tb_max: int, maxk: int = 256) -> dict[int, int]:
+def _build_dp_pattern(pool: _KeyPool, capacity: int, tb_max: int, maxk: int = 256, prefer_small: bool = False) -> dict[int, int]:
     """MBS'-style pack: the largest remaining key plus the subset of the remaining keys with the
     least slack, found exactly by a subset-sum DP over counts (bounded, binary-split multiplicities)
     on a Python-int bitset of reachable sums. Backtracking takes the largest keys first, so small
@@ -442,7 +442,7 @@ def _build_dp_pattern(pool: _KeyPool, capacity: int, tb_max: int, maxk: int = 25
     r = capacity - top // tm
     # Memo per residual: counts only decrease, so a cached optimum that is still available is
     # still optimal (up to the maxk window); the same residual recurs constantly.
-    memo = pool.memo.setdefault(("dp", maxk), {})
+    memo = pool.memo.setdefault(("dp", maxk, prefer_small), {})
     hit = memo.get(r)
     if hit is not None:
         cnt = pool.cnt
@@ -478,7 +478,11 @@ def _build_dp_pattern(pool: _KeyPool, capacity: int, tb_max: int, maxk: int = 25
     for idx in range(len(items) - 1, -1, -1):
         k, t, w = items[idx]
         prev = masks[idx - 1] if idx else 1
-        if tgt >= w and (prev >> (tgt - w)) & 1:
+        if prefer_small:  # use an item only when the smaller ones cannot reach tgt without it
+            take = not (prev >> tgt) & 1
+        else:
+            take = tgt >= w and (prev >> (tgt - w)) & 1
+        if take:
             sub[k] = sub.get(k, 0) + t
             tgt -= w
     memo[r] = tuple(sub.items())
@@ -489,32 +493,29 @@ def _build_dp_pattern(pool: _KeyPool, capacity: int, tb_max: int, maxk: int = 25
     return used
 
 
+def _build_dp_pattern_small_first(pool: _KeyPool, capacity: int, tb_max: int) -> dict[int, int]:
+    """The min-slack DP, but the backtracking takes the smallest keys that reach the best sum:
+    the largest item is completed with small ones, so large and small items mix (e.g. chartqa,
+    where six 5-tile samples fit only if their texts average <= 85 tokens)."""
+    return _build_dp_pattern(pool, capacity, tb_max, prefer_small=True)
+
+
+FILL_BUILDERS = (_build_dp_pattern, _build_greedy_pattern, _build_search_pattern, _build_dp_pattern_small_first)
 def _build_dp_small(pool: _KeyPool, capacity: int, tb_max: int) -> dict[int, int]:
-    return _build_dp_pattern(pool, capacity, tb_max, maxk=16)
+    return _build_dp_pattern(pool, capacity, tb_max, maxk=16, prefer_small=True)
 
 
-ADAPTIVE_SLACK = 0.002  # accept the cheap pack when it leaves at most this share of capacity
-
-
-def _build_adaptive(pool: _KeyPool, capacity: int, tb_max: int, maxk: int = 32) -> dict[int, int]:
-    """Cheap first: the largest-fits pack; only when it leaves more than ADAPTIVE_SLACK of the
-    capacity run the min-slack DP (memoised per residual) and keep the fuller of the two."""
-    g = _build_largest_fits(pool, capacity, tb_max)
-    tm = pool.tmul
-    slack = capacity - sum((k // tm) * m for k, m in g.items())
-    if slack <= ADAPTIVE_SLACK * capacity:
-        return g
-    d = _build_dp_pattern(pool, capacity, tb_max, maxk=maxk)
-    return d if capacity - sum((k // tm) * m for k, m in d.items()) < slack else g
-
-
-FILL_BUILDERS = (_build_dp_pattern, _build_greedy_pattern, _build_search_pattern)
 SMALL_BUILDERS = (_build_greedy_pattern, _build_dp_small)  # buffers: cheap builders only
 SEARCH_MIN_ITEMS = 5000  # below this (online buffers) only SMALL_BUILDERS run
 # Offline inputs up to this size also try buffered-with-carry plans (the buffers mix sizes and the
 # carried under-filled packs are re-packed with fresh samples; on e.g. docvqa that beats the
 # global largest-first plan). Costs about n / 50k seconds per buffer size, hence the cap.
 OFFLINE_BUFFERED_MAX_ITEMS = 250_000
+# The small-first DP only pays off when few distinct (length, tiles) keys make the tie-breaking
+# between equal-slack fills matter (real VLM tables: 300-1300 keys; it moved chartqa 2958 -> 2927
+# packs). With many distinct lengths exact fills abound (synthetic, 2260 keys: 34000 vs 34001
+# packs) and it would cost ~0.65 s per 1M samples, so it is skipped there.
+SMALL_FIRST_MAX_KEYS = 1500
 OFFLINE_BUFFERS = (1000, 2000)
 
 
@@ -523,9 +524,8 @@ def fill(lengths, capacity, tiles=None, max_tiles=None, seed=0) -> Packs:
     a fill chosen over the remaining (length, tiles) keys. Pattern builders: minimum-slack
     subset-sum DP (`_build_dp_pattern`), largest-first greedy with a bounded triple search, and a
     bounded DFS; inputs of at least SEARCH_MIN_ITEMS samples run all three (DP over up to 256
-    keys), smaller inputs (online buffers) one adaptive plan (largest-fits pack, min-slack DP only
-    where that leaves slack). Offline inputs also run the count-based largest-fits greedy (the
-    exact greedy_knapsack plan) as a safety net; the plan with fewest packs is kept (ties: earlier
+    keys), smaller inputs (online buffers) the greedy and a 16-key small-first DP. As a safety net
+    the count-based largest-fits greedy (exactly the greedy_knapsack plan) also runs; the plan with fewest packs is kept (ties: earlier
     builder). Plans are built on counts and only the winner is turned into index lists. Inputs
     of at most EXACT_MAX_ITEMS samples are solved optimally."""
     n = len(lengths)
@@ -535,7 +535,9 @@ def fill(lengths, capacity, tiles=None, max_tiles=None, seed=0) -> Packs:
         return exact_small(lengths, capacity, tiles, max_tiles, seed)
     tb_max = _NO_TILE_LIMIT if max_tiles is None else max_tiles
     base = _KeyPool(lengths, tiles)
-    builders = FILL_BUILDERS + (_build_largest_fits,) if n >= SEARCH_MIN_ITEMS else SMALL_BUILDERS
+    builders = (FILL_BUILDERS if n >= SEARCH_MIN_ITEMS else SMALL_BUILDERS) + (_build_largest_fits,)
+    if len(base.keys) > SMALL_FIRST_MAX_KEYS:
+        builders = tuple(b for b in builders if b is not _build_dp_pattern_small_first)
     best = None
     for builder in builders:
         cnt, plan = _plan_with(builder, base.clone(), capacity, tb_max)

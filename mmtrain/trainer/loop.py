@@ -284,6 +284,7 @@ def train(cfg: MMTrainConfig) -> dict:
     trainer.exit_code_preempted) after SIGTERM/SIGUSR1 and faults.NonFiniteError after too many
     NaN/Inf steps in a row."""
     preempt = PreemptionHandler().install()  # before the (slow) build: a signal then is not lost
+    faults.init_process_group_after_restart(cfg.parallel.backend, cfg.trainer.device)
     try:
         return _train(cfg, preempt)
     finally:

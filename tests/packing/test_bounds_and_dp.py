@@ -108,3 +108,54 @@ def test_fill_near_volume_bound_on_ai2d():
     packs = pack_lengths(lens, 8192)
     check(packs, lens, 8192)
     assert len(packs) <= volume_bound(lens, 8192) + 2  # efficiency >= 0.998
+
+
+@pytest.mark.parametrize("tiles_limit", [None, 24])
+def test_count_based_largest_fits_is_greedy_knapsack(tiles_limit):
+    # repeating greedy's pack pattern while counts allow reproduces greedy_knapsack exactly
+    lens, tiles = synth(4000, 21)
+    lens = lens // 64 * 64  # many repeated lengths, so patterns repeat
+    tl = tiles if tiles_limit else None
+    tb = tiles_limit or A._NO_TILE_LIMIT
+    got = A._fill_with(A._build_largest_fits, lens, 8192, tl, tb)
+    want = A.greedy_knapsack(lens, 8192, tl, tiles_limit)
+    assert sorted(map(sorted, got)) == sorted(map(sorted, want))
+
+
+def test_dp_prefer_small_same_slack_smaller_items():
+    lens = [60, 40, 30, 20, 10] * 3 + [100]
+    for prefer_small in (False, True):
+        pool = A._KeyPool(np.asarray(lens), None)
+        used = A._build_dp_pattern(pool, 150, A._NO_TILE_LIMIT, prefer_small=prefer_small)
+        assert sum(k * m for k, m in used.items()) == 150 and used[100] == 1
+        if prefer_small:
+            assert max(k for k in used if k != 100) <= 30
+
+
+def test_dp_memo_respects_counts():
+    # residual 4 recurs; after the 2s run out the cached {2: 2} must not be reused
+    lens = [6] * 5 + [2] * 4 + [4] * 3
+    packs = pack_lengths(lens, 10)
+    check(packs, lens, 10)
+    assert len(packs) == 5
+
+
+def test_offline_fill_not_worse_than_buffered_with_carry():
+    from mmtrain.packing.policy import plan_packs
+
+    lens, _ = synth(12000, 5)
+    off = plan_packs(lens, 8192)
+    check(off.packs, lens, 8192)
+    for b in A.OFFLINE_BUFFERS:
+        assert len(off.packs) <= len(plan_packs(lens, 8192, buffer_size=b).packs)
+
+
+@pytest.mark.skipif(not (DATA / "docvqa_train_10k.csv").exists(), reason="shared data not present")
+def test_docvqa_offline_at_least_buffered():
+    from mmtrain.data.length_table import load_length_table
+    from mmtrain.packing.policy import plan_packs
+
+    lens = load_length_table(DATA / "docvqa_train_10k.csv").lengths
+    off = pack_lengths(lens, 8192)
+    check(off, lens, 8192)
+    assert len(off) <= len(plan_packs(lens, 8192, buffer_size=1000).packs)
