@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _init_default_group(backend: str) -> None:
+    """init_process_group, surviving torchrun restarts.
+
+    On torch 2.11 a worker group restarted by `torchrun --max-restarts` reads the *previous*
+    attempt's gloo addresses from the agent's store and fails ("Gloo connectFullMesh failed ...
+    Connection refused"). On a restart we rendezvous on a store prefixed with the attempt number.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        dist.init_process_group(backend=backend)
+        return
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, False, timeout=timedelta(minutes=10))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"/mmtrain/attempt_{attempt}", store), rank=rank, world_size=world)
+
+
 def pick_device(requested: str) -> torch.device:
     if requested == "cpu":
         return torch.device("cpu")
@@ -69,7 +86,7 @@ def initialize(par: ParallelConfig, device_request: str, seed: int) -> ParallelL
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         backend = par.backend if par.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-        dist.init_process_group(backend=backend)
+        _init_default_group(backend)
     world, rank = dist.get_world_size(), dist.get_rank()
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     if tp < 1 or pp < 1 or world % (tp * pp):

@@ -121,27 +121,3 @@ def grads_finite(model, device: torch.device) -> bool:
 
 def finite(x: float) -> bool:
     return math.isfinite(x)
-
-
-def init_process_group_after_restart(backend_request: str, device_request: str) -> None:
-    """Work around torchrun restarts on torch 2.11: a restarted worker group (torchrun
-    --max-restarts) reads the *previous* attempt's gloo addresses from the agent's store and fails
-    with "Gloo connectFullMesh failed ... Connection refused". On a restart (TORCHELASTIC_RESTART_COUNT
-    > 0, agent store in use) create the default process group on a store prefixed with the attempt
-    number; `setup.initialize` then finds it initialized. Attempt 0 is left to setup.initialize."""
-    if dist.is_initialized():
-        return
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
-        return
-    from datetime import timedelta
-
-    from mmtrain.parallel.setup import pick_device
-
-    device = pick_device(device_request)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = backend_request if backend_request != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, False, timeout=timedelta(minutes=10))
-    dist.init_process_group(backend, store=dist.PrefixStore(f"/mmtrain/attempt_{attempt}", store), rank=rank, world_size=world)

@@ -122,6 +122,20 @@ def build(cfg: MMTrainConfig) -> Built:
     return Built(cfg=cfg, layout=layout, model=ddp, optimizer=opt, data=data, tokens_per_tile=tpt, dtype=dtype)
 
 
+# Dense bf16 peak per device (TFLOP/s), used when the cluster config does not say (cluster=cpu on a GPU box).
+_KNOWN_PEAKS = (("H200", 989.0), ("H100", 989.0), ("H20", 148.0), ("A100", 312.0), ("L40S", 362.0))
+
+
+def peak_flops(cfg: MMTrainConfig, device: torch.device) -> float:
+    """FLOP/s for MFU: cluster.peak_tflops_bf16, else looked up from the GPU's name; 0 on CPU."""
+    if device.type != "cuda":
+        return 0.0
+    if cfg.cluster.peak_tflops_bf16 > 0:
+        return cfg.cluster.peak_tflops_bf16 * 1e12
+    name = torch.cuda.get_device_name(device)
+    return next((tf * 1e12 for key, tf in _KNOWN_PEAKS if key in name), 0.0)
+
+
 def lr_at(cfg: MMTrainConfig, step: int) -> float:
     t = cfg.trainer
     if t.warmup_steps and step < t.warmup_steps:
@@ -284,7 +298,6 @@ def train(cfg: MMTrainConfig) -> dict:
     trainer.exit_code_preempted) after SIGTERM/SIGUSR1 and faults.NonFiniteError after too many
     NaN/Inf steps in a row."""
     preempt = PreemptionHandler().install()  # before the (slow) build: a signal then is not lost
-    faults.init_process_group_after_restart(cfg.parallel.backend, cfg.trainer.device)
     try:
         return _train(cfg, preempt)
     finally:
@@ -310,7 +323,7 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
     bar = _progress(cfg, is_rank0)
     if bar is not None and start:
         bar.update(start)
-    peak = cfg.cluster.peak_tflops_bf16 * 1e12 if lay.device.type == "cuda" else 0.0
+    peak = peak_flops(cfg, lay.device)
     skipped_steps = int(counters.get("skipped_steps", 0))
     consecutive = int(counters.get("consecutive_nonfinite", 0))
     bad_samples = int(counters.get("bad_samples", 0))
