@@ -13,6 +13,7 @@ COMMANDS = {
     "pack": ("mmtrain.packing.cli", "main", "write a packing plan (PLAN.jsonl) for a length table"),
     "simulate": ("mmtrain.balancing.cli", "simulate_main", "straggler / bubble simulation per strategy"),
     "calibrate": ("mmtrain.balancing.calibrate", "main", "time a few shapes and fit cost-model coefficients"),
+    "lengths": ("mmtrain.datamodule.module", "export_lengths_main", "write the training source's length table (for `pack`)"),
 }
 
 

@@ -83,9 +83,31 @@ class DataModule:
             oversize_policy=p.oversize_policy,
             carry_over=p.carry_over if p.carry_over is not None else p.buffer_size != t.global_batch_size,
         )
-        self.planner = StepPlanner(self.source.tiles, self.source.text_tokens, tokens_per_tile, self.settings)
+        plan_packs, plan_kept = self._offline_plan(cfg, tokens_per_tile)
+        self.planner = StepPlanner(
+            self.source.tiles, self.source.text_tokens, tokens_per_tile, self.settings, plan_packs, plan_kept
+        )
         v = cfg.model.vision
         self.image_shape = (v.in_channels, v.image_size, v.image_size)
+
+    def _offline_plan(self, cfg: MMTrainConfig, tokens_per_tile: int):
+        """Packs from `packing.plan` (made by `mmtrain pack` on this source's length table, e.g. the
+        one `mmtrain lengths` writes); refused with what differs if it was made for other data."""
+        if not (cfg.packing.enabled and cfg.packing.plan):
+            return None, None
+        from mmtrain.packing.plan import fingerprint, load_plan
+
+        tiles = np.asarray(self.source.tiles, dtype=np.int64)
+        fp = fingerprint(tiles * tokens_per_tile, np.asarray(self.source.text_tokens, dtype=np.int64), tiles)
+        plan = load_plan(cfg.packing.plan, expected_fingerprint=fp)
+        made_for = plan.meta.get("params", {}).get("seq_length")
+        if made_for is not None and made_for > cfg.packing.seq_length:
+            raise ValueError(
+                f"packing.plan {cfg.packing.plan} was made for seq_length {made_for} > packing.seq_length="
+                f"{cfg.packing.seq_length}; re-run `mmtrain pack --seq-length {cfg.packing.seq_length}`"
+            )
+        kept = {int(k): int(v) for k, v in plan.meta.get("truncated", {}).items()}
+        return [list(map(int, p)) for p in plan.packs], kept
 
     def row_length(self) -> Optional[int]:
         p = self.cfg.packing
@@ -131,6 +153,28 @@ class DataModule:
 
     def load_state_dict(self, d: dict) -> None:
         self.planner.load_state_dict(d["planner"])
+
+
+def export_lengths_main(argv: list[str]) -> int:
+    """`mmtrain lengths --out TABLE.csv [hydra overrides]`: the training source's length table
+    (id, tiles, image_tokens, text_tokens), e.g. as input to `mmtrain pack` for an offline plan."""
+    import argparse
+
+    from mmtrain.config import compose
+    from mmtrain.model.vlm import tokens_per_tile
+
+    ap = argparse.ArgumentParser(prog="mmtrain lengths", description=export_lengths_main.__doc__)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m mmtrain.train")
+    args = ap.parse_args(argv)
+    cfg = compose(args.overrides)
+    tpt = tokens_per_tile(cfg.model)
+    src = build_source(cfg, tpt)
+    tiles = np.asarray(src.tiles, dtype=np.int64)
+    table = np.stack([np.arange(len(tiles)), tiles, tiles * tpt, np.asarray(src.text_tokens, dtype=np.int64)], axis=1)
+    np.savetxt(args.out, table, fmt="%d", delimiter=",", header="id,tiles,image_tokens,text_tokens", comments="")
+    print(f"wrote {len(tiles)} rows to {args.out}")
+    return 0
 
 
 def tiles_of(plan: StepPlan, tiles: np.ndarray) -> int:

@@ -7,8 +7,10 @@ resumes it exactly is a few integers plus the online packer's buffer.
 Step formation:
 * packing off: a step is the next `global_batch_size` samples of the (shuffled) epoch order; DP rank r
   takes the r-th contiguous slice; each sample is a row of its own.
-* packing on: samples stream through the online BufferedPacker (`packing.buffer_size`); a step takes
-  whole packs, in order, until it holds >= `global_batch_size` samples. With buffer_size equal to
+* packing on: samples stream through the online BufferedPacker (`packing.buffer_size`) -- or, with
+  an offline plan (`packing.plan`, from `mmtrain pack`), packs come from the plan in its order (later
+  epochs shuffle the plan's packs by seed); a step takes whole packs, in order, until it holds
+  >= `global_batch_size` samples. With buffer_size equal to
   global_batch_size, a step's packs hold exactly the samples an unpacked step sees, so the global
   per-token loss is identical.
 """
@@ -66,7 +68,15 @@ class PlannerSettings:
 
 
 class StepPlanner:
-    def __init__(self, tiles: np.ndarray, text_tokens: np.ndarray, tokens_per_tile: int, s: PlannerSettings) -> None:
+    def __init__(
+        self,
+        tiles: np.ndarray,
+        text_tokens: np.ndarray,
+        tokens_per_tile: int,
+        s: PlannerSettings,
+        plan_packs: Optional[list[list[int]]] = None,
+        plan_kept: Optional[dict[int, int]] = None,
+    ) -> None:
         self.tiles = np.asarray(tiles, dtype=np.int64)
         self.text = np.asarray(text_tokens, dtype=np.int64)
         self.lengths = self.tiles * tokens_per_tile + self.text
@@ -86,7 +96,16 @@ class StepPlanner:
         self.cursor = 0  # position in the current epoch's order
         self.step = 0
         self.pending: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # (sample ids, lengths) of packed rows
-        self.packer = self._new_packer() if s.packing else None
+        self.plan_packs = plan_packs if s.packing else None
+        self.plan_kept = dict(plan_kept or {})
+        self.plan_cursor = 0
+        if self.plan_packs is not None:
+            bad = [i for p in self.plan_packs for i in p if not 0 <= i < self.n]
+            if bad:
+                raise ValueError(f"packing.plan names sample {bad[0]}, but the data has {self.n} samples")
+            if not self.plan_packs:
+                raise ValueError("packing.plan holds no packs")
+        self.packer = self._new_packer() if s.packing and self.plan_packs is None else None
         self._order = self._epoch_order(0)
 
     # ---- state -------------------------------------------------------------------------------
@@ -96,12 +115,14 @@ class StepPlanner:
             "cursor": self.cursor,
             "step": self.step,
             "pending": [[list(i), list(l)] for i, l in self.pending],
+            "plan_cursor": self.plan_cursor,
             "packer": self.packer.state_dict() if self.packer is not None else None,
         }
 
     def load_state_dict(self, d: dict) -> None:
         self.epoch, self.cursor, self.step = int(d["epoch"]), int(d["cursor"]), int(d["step"])
         self.pending = [(tuple(i), tuple(l)) for i, l in d["pending"]]
+        self.plan_cursor = int(d.get("plan_cursor", 0))
         if self.packer is not None and d.get("packer") is not None:
             self.packer.load_state_dict(d["packer"])
         self._order = self._epoch_order(self.epoch)
@@ -137,7 +158,22 @@ class StepPlanner:
             return sid, True
         return sid, False
 
+    def _plan_order(self, epoch: int) -> np.ndarray:
+        n = len(self.plan_packs)
+        return np.arange(n) if epoch == 0 or not self.s.shuffle else np.random.default_rng([self.s.seed, epoch, 1]).permutation(n)
+
+    def _fill_from_plan(self, need_samples: int) -> None:
+        while sum(len(r[0]) for r in self.pending) < need_samples:
+            ids = self.plan_packs[int(self._plan_order(self.epoch)[self.plan_cursor])]
+            self.plan_cursor += 1
+            if self.plan_cursor == len(self.plan_packs):
+                self.plan_cursor, self.epoch = 0, self.epoch + 1
+            lens = tuple(self.plan_kept.get(i, int(self.lengths[i])) for i in ids)
+            self.pending.append((tuple(int(i) for i in ids), lens))
+
     def _fill_pending(self, need_samples: int) -> None:
+        if self.plan_packs is not None:
+            return self._fill_from_plan(need_samples)
         assert self.packer is not None
         while sum(len(r[0]) for r in self.pending) < need_samples:
             sid, epoch_end = self._next_sample()

@@ -15,6 +15,11 @@ from typing import Callable
 
 import numpy as np
 
+try:  # optional compiled twin of the buffer-size path of `fill` (mmtrain/packing/_fastpack.c)
+    from mmtrain.packing import _fastpack
+except ImportError:  # not built (e.g. no compiler): the identical pure-Python path is used
+    _fastpack = None
+
 Packs = list[list[int]]
 # fn(lengths, capacity, tiles, max_tiles, seed) -> packs; lengths already padded and validated.
 Algorithm = Callable[[np.ndarray, int, np.ndarray | None, int | None, int], Packs]
@@ -538,11 +543,11 @@ def fill(lengths, capacity, tiles=None, max_tiles=None, seed=0) -> Packs:
     builders = (FILL_BUILDERS if n >= SEARCH_MIN_ITEMS else SMALL_BUILDERS) + (_build_largest_fits,)
     if len(base.keys) > SMALL_FIRST_MAX_KEYS:
         builders = tuple(b for b in builders if b is not _build_dp_pattern_small_first)
-    best = None
-    for builder in builders:
-        cnt, plan = _plan_with(builder, base.clone(), capacity, tb_max)
-        if best is None or cnt < best[0]:
-            best = (cnt, plan)
+    if builders == _SMALL_PLAN_BUILDERS and _fast_ok(capacity, base):
+        best = _fastpack.plan_small(base.keys, [base.cnt[k] for k in base.keys],
+                                    [base.ptr[k] for k in base.keys], capacity, tb_max, base.tmul)
+    else:
+        best = _best_plan(builders, base, capacity, tb_max)
     packs = _materialize(base.order, best[1])
     if SEARCH_MIN_ITEMS <= n <= OFFLINE_BUFFERED_MAX_ITEMS:
         from mmtrain.packing.policy import plan_packs  # policy imports this module
@@ -555,6 +560,24 @@ def fill(lengths, capacity, tiles=None, max_tiles=None, seed=0) -> Packs:
             if len(r.packs) < len(packs):
                 packs = r.packs
     return packs
+
+
+_SMALL_PLAN_BUILDERS = SMALL_BUILDERS + (_build_largest_fits,)
+FAST_MAX_CAPACITY = 1 << 20  # the C DP keeps a memo slot per residual (capacity + 1 of them)
+
+
+def _fast_ok(capacity: int, pool: _KeyPool) -> bool:
+    return _fastpack is not None and capacity <= FAST_MAX_CAPACITY and pool.tmul <= (1 << 20)
+
+
+def _best_plan(builders, base: _KeyPool, capacity: int, tb_max: int) -> tuple[int, list]:
+    """Pure-Python: the plan with fewest packs over `builders` (ties: earlier builder)."""
+    best = None
+    for builder in builders:
+        cnt, plan = _plan_with(builder, base.clone(), capacity, tb_max)
+        if best is None or cnt < best[0]:
+            best = (cnt, plan)
+    return best
 
 
 def exact_small(lengths, capacity, tiles=None, max_tiles=None, seed=0) -> Packs:
