@@ -404,9 +404,17 @@ def _plan_with(builder, pool: _KeyPool, capacity: int, tb_max: int) -> tuple[int
 
 def _materialize(order: np.ndarray, plan: list) -> Packs:
     packs: Packs = []
+    ol = order.tolist()  # list slices: much cheaper than one numpy slice per column
     for reps, cols in plan:
         if reps == 1:
-            packs.append([i for k, p, m in cols for i in order[p : p + m].tolist()])
+            if len(cols) == 1:
+                k, p, m = cols[0]
+                packs.append(ol[p : p + m])
+            else:
+                pk: list[int] = []
+                for k, p, m in cols:
+                    pk += ol[p : p + m]
+                packs.append(pk)
             continue
         blocks = [order[p : p + reps * m].reshape(reps, m) for k, p, m in cols]
         packs.extend((blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)).tolist())

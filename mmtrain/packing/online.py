@@ -109,9 +109,10 @@ class BufferedPacker:
             pack_align=self.pack_align, seed=self.seed, carry=carry, buffer_size=self.buffer_size,
         )
         out = []
+        ids, lens_, tls = self._ids, self._lens, self._tiles
         for p in emitted:
-            ls = tuple(self._lens[i] for i in p)
-            out.append(Pack(tuple(self._ids[i] for i in p), ls, sum(ls), sum(self._tiles[i] for i in p)))
+            ls = tuple([lens_[i] for i in p])
+            out.append(Pack(tuple([ids[i] for i in p]), ls, sum(ls), sum([tls[i] for i in p])))
         self._ids = [self._ids[i] for i in held]
         self._lens = [self._lens[i] for i in held]
         self._tiles = [self._tiles[i] for i in held]

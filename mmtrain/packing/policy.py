@@ -159,7 +159,8 @@ def pack_buffer(
         return packs, []
     eff = align_up(np.asarray(lengths, dtype=np.int64), segment_align)
     cap = effective_capacity(capacity, pack_align)
-    fills = [int(eff[p].sum()) for p in packs]
+    el = eff.tolist()
+    fills = [sum([el[i] for i in p]) for p in packs]
     budget = int((buffer_size or len(lengths)) * CARRY_FRACTION)
     held: set[int] = set()
     carried: list[int] = []
