@@ -80,6 +80,7 @@ class Built:
 def build(cfg: MMTrainConfig) -> Built:
     """Set up process groups, the model on this rank's stage, DDP, the optimizer and the data."""
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)  # "GPTModel IS DEPRECATED"
     layout = setup.initialize(cfg.parallel, cfg.trainer.device, cfg.trainer.seed)
     dtype = dtype_of(cfg.trainer.precision)
     torch.manual_seed(cfg.trainer.seed)
