@@ -404,8 +404,13 @@ def _plan_with(builder, pool: _KeyPool, capacity: int, tb_max: int) -> tuple[int
 
 def _materialize(order: np.ndarray, plan: list) -> Packs:
     packs: Packs = []
-    ol = order.tolist()  # list slices: much cheaper than one numpy slice per column
+    # Buffer-size inputs (most patterns used once): list slices, much cheaper than one numpy slice
+    # per column. Large inputs (few patterns, large reps): numpy blocks, no full tolist().
+    ol = order.tolist() if len(order) <= 50_000 else None
     for reps, cols in plan:
+        if reps == 1 and ol is None:
+            packs.append([i for k, p, m in cols for i in order[p : p + m].tolist()])
+            continue
         if reps == 1:
             if len(cols) == 1:
                 k, p, m = cols[0]
@@ -540,7 +545,9 @@ def fill(lengths, capacity, tiles=None, max_tiles=None, seed=0) -> Packs:
     keys), smaller inputs (online buffers) the greedy and a 16-key small-first DP. As a safety net
     the count-based largest-fits greedy (exactly the greedy_knapsack plan) also runs; the plan with fewest packs is kept (ties: earlier
     builder). Plans are built on counts and only the winner is turned into index lists. Inputs
-    of at most EXACT_MAX_ITEMS samples are solved optimally."""
+    of at most EXACT_MAX_ITEMS samples are solved optimally. The buffer-size path (SMALL_BUILDERS
+    + largest-fits) runs in the optional C extension `_fastpack` when it is built: same steps,
+    byte-identical plans (tests/packing/test_fastpack.py), ~7x faster online."""
     n = len(lengths)
     if n == 0:
         return []
