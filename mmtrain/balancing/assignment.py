@@ -400,3 +400,53 @@ def assign_packs_to_steps(
                 out[p] = (s, r, mb)
     assert all(o is not None for o in out)
     return out  # type: ignore[return-value]
+
+
+def split_remainder(
+    packs: Sequence[Sequence[int]],
+    sample_lengths: Sequence[int],
+    sample_costs: Sequence[float],
+    slots: int,
+    capacity: int,
+    *,
+    sample_tiles: Sequence[int] | None = None,
+    max_tiles_per_pack: int | None = None,
+) -> list[list[int]]:
+    """Re-pack the cheapest `len(packs) % slots` packs into `slots` packs so every step is full.
+
+    With one pack per (rank, micro-batch) a partial last step leaves ranks idle (their cost is 0, the
+    step's max/mean explodes at large DP). The samples of the r cheapest packs are spread over
+    `slots` new packs by LPT on sample cost under the capacity (and tile) limits; those small packs
+    then form a balanced step of their own. `sample_lengths` must already include any alignment
+    padding and `capacity` any pack alignment. Returns `packs` unchanged when it cannot help (fewer
+    samples than slots, or a sample that fits nowhere). Every sample stays exactly once.
+    """
+    packs = [list(p) for p in packs]
+    r = len(packs) % slots
+    if r == 0 or slots <= 1:
+        return packs
+    pack_cost = [float(sum(sample_costs[i] for i in p)) for p in packs]
+    cheapest = sorted(range(len(packs)), key=lambda k: (pack_cost[k], k))[:r]
+    pool = sorted((i for k in cheapest for i in packs[k]), key=lambda i: (-float(sample_costs[i]), i))
+    if len(pool) < slots:
+        return packs
+    bins: list[list[int]] = [[] for _ in range(slots)]
+    tokens, cost, tiles = [0] * slots, [0.0] * slots, [0] * slots
+    for i in pool:
+        n, t = int(sample_lengths[i]), int(sample_tiles[i]) if sample_tiles is not None else 0
+        fits = [
+            b for b in range(slots)
+            if tokens[b] + n <= capacity and (max_tiles_per_pack is None or tiles[b] + t <= max_tiles_per_pack)
+        ]
+        if not fits:
+            return packs
+        empty = [b for b in fits if not bins[b]]
+        b = empty[0] if empty else min(fits, key=lambda x: (cost[x], x))
+        bins[b].append(i)
+        tokens[b] += n
+        cost[b] += float(sample_costs[i])
+        tiles[b] += t
+    if any(not b for b in bins):
+        return packs
+    chosen = set(cheapest)
+    return [p for k, p in enumerate(packs) if k not in chosen] + bins

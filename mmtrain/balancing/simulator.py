@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .assignment import assign_packs_to_steps
+from .assignment import assign_packs_to_steps, split_remainder
 from .cost_model import CostModel
 from .pipeline import simulate_1f1b
 
@@ -149,6 +149,9 @@ def simulate(
         sample_cost = cm.sample_costs(lengths, shuffled.tiles)
         order = np.random.default_rng(seed + 1).permutation(len(packs))  # training order
         packs = [packs[i] for i in order]
+        if strategy == "default":  # as `mmtrain pack --dp`: every step full, no idle rank at the end
+            packs = split_remainder(packs, lengths, sample_cost, dp * micro_batches, seq_length,
+                                    sample_tiles=shuffled.tiles)
         costs = np.array([sample_cost[p].sum() for p in packs])
         ptiles = np.array([shuffled.tiles[p].sum() for p in packs], dtype=np.float64)
         assign = assign_packs_to_steps(costs, dp, micro_batches, strategy, pack_tiles=ptiles,

@@ -32,15 +32,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PLAN.jsonl (a PLAN.jsonl.meta.json sidecar is written too)")
     p.add_argument("--dp", type=int, default=None, help="data-parallel ranks: also assign packs to steps")
     p.add_argument("--micro-batches", type=int, default=None)
+    p.add_argument("--no-full-steps", action="store_true",
+                   help="with --dp: keep a partial last step (some ranks idle) instead of re-packing the "
+                        "remainder into dp x micro-batches smaller packs")
     p.add_argument("--balance", default=None, help="balancing strategy (mmtrain.balancing.assignment)")
     return p
 
 
 def _assign(result, tiles, args) -> list[dict]:
-    from mmtrain.balancing.assignment import assign_packs_to_steps
+    from mmtrain.balancing.assignment import assign_packs_to_steps, split_remainder
     from mmtrain.balancing.cost_model import CostModel
+    from mmtrain.packing.algorithms import align_up, effective_capacity
 
     model = CostModel.default()
+    if not args.no_full_steps:  # no rank idles in the last step: re-pack the remainder into dp*M packs
+        lengths = np.asarray(result.lengths, dtype=np.int64)
+        result.packs = split_remainder(
+            result.packs,
+            align_up(lengths, args.segment_align),
+            model.sample_costs(lengths, np.asarray(tiles)),
+            args.dp * args.micro_batches,
+            effective_capacity(args.seq_length, args.pack_align),
+            sample_tiles=tiles,
+            max_tiles_per_pack=args.max_tiles_per_pack,
+        )
     costs = [model.pack_cost([int(result.lengths[i]) for i in p], [int(tiles[i]) for i in p]) for p in result.packs]
     kw = {} if args.balance is None else {"strategy": args.balance}
     where = assign_packs_to_steps(costs, dp=args.dp, micro_batches=args.micro_batches, **kw)
