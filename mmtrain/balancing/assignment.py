@@ -411,42 +411,69 @@ def split_remainder(
     *,
     sample_tiles: Sequence[int] | None = None,
     max_tiles_per_pack: int | None = None,
+    target: float = 1.01,
 ) -> list[list[int]]:
-    """Re-pack the cheapest `len(packs) % slots` packs into `slots` packs so every step is full.
+    """Make the pack count a multiple of `slots` (dp x micro-batches) so no rank idles in the last step.
 
-    With one pack per (rank, micro-batch) a partial last step leaves ranks idle (their cost is 0, the
-    step's max/mean explodes at large DP). The samples of the r cheapest packs are spread over
-    `slots` new packs by LPT on sample cost under the capacity (and tile) limits; those small packs
-    then form a balanced step of their own. `sample_lengths` must already include any alignment
-    padding and `capacity` any pack alignment. Returns `packs` unchanged when it cannot help (fewer
-    samples than slots, or a sample that fits nowhere). Every sample stays exactly once.
+    A partial last step leaves ranks idle: their cost is 0 and that step's max/mean explodes at large
+    DP. The samples of the r = len % slots cheapest packs -- plus k x slots more cheap packs, with the
+    smallest k whose re-packed bins are within `target` max/mean cost (spreading the deficit over
+    more packs keeps big samples from standing alone) -- are re-packed by LPT on sample cost into
+    (k+1) x slots packs under the capacity and tile limits. The pack count grows by slots - r
+    whatever k is. `sample_lengths` must include alignment padding and `capacity` pack alignment.
+    Returns `packs` unchanged when it cannot help. Every sample stays exactly once.
     """
     packs = [list(p) for p in packs]
     r = len(packs) % slots
     if r == 0 or slots <= 1:
         return packs
     pack_cost = [float(sum(sample_costs[i] for i in p)) for p in packs]
-    cheapest = sorted(range(len(packs)), key=lambda k: (pack_cost[k], k))[:r]
-    pool = sorted((i for k in cheapest for i in packs[k]), key=lambda i: (-float(sample_costs[i]), i))
-    if len(pool) < slots:
+    by_cost = sorted(range(len(packs)), key=lambda k: (pack_cost[k], k))
+    best: tuple[float, list[int], list[list[int]]] | None = None
+    k = 0
+    while r + k * slots <= len(packs):
+        chosen = by_cost[: r + k * slots]
+        bins = _lpt_bins(
+            [i for c in chosen for i in packs[c]], (k + 1) * slots, sample_lengths, sample_costs, capacity,
+            sample_tiles, max_tiles_per_pack,
+        )
+        if bins is not None:
+            costs = [sum(float(sample_costs[i]) for i in b) for b in bins]
+            ratio = max(costs) / (sum(costs) / len(costs))
+            if best is None or ratio < best[0]:
+                best = (ratio, chosen, bins)
+            if ratio <= target:
+                break
+        k = 2 * k + 1 if k else 1
+    if best is None:
         return packs
-    bins: list[list[int]] = [[] for _ in range(slots)]
-    tokens, cost, tiles = [0] * slots, [0.0] * slots, [0] * slots
-    for i in pool:
-        n, t = int(sample_lengths[i]), int(sample_tiles[i]) if sample_tiles is not None else 0
-        fits = [
-            b for b in range(slots)
-            if tokens[b] + n <= capacity and (max_tiles_per_pack is None or tiles[b] + t <= max_tiles_per_pack)
-        ]
-        if not fits:
-            return packs
-        empty = [b for b in fits if not bins[b]]
-        b = empty[0] if empty else min(fits, key=lambda x: (cost[x], x))
-        bins[b].append(i)
-        tokens[b] += n
-        cost[b] += float(sample_costs[i])
-        tiles[b] += t
-    if any(not b for b in bins):
-        return packs
-    chosen = set(cheapest)
-    return [p for k, p in enumerate(packs) if k not in chosen] + bins
+    _, chosen, bins = best
+    gone = set(chosen)
+    return [p for c, p in enumerate(packs) if c not in gone] + bins
+
+
+def _lpt_bins(pool, nbins, lengths, costs, capacity, tiles, max_tiles):
+    """LPT of `pool` samples into `nbins` non-empty bins under capacity/tile limits, or None."""
+    if len(pool) < nbins:
+        return None
+    order = sorted(pool, key=lambda i: (-float(costs[i]), i))
+    heap = [(0.0, b) for b in range(nbins)]  # (cost, bin): least-loaded first
+    bins: list[list[int]] = [[] for _ in range(nbins)]
+    tok, til = [0] * nbins, [0] * nbins
+    for i in order:
+        n, t = int(lengths[i]), int(tiles[i]) if tiles is not None else 0
+        skipped = []
+        while heap:
+            c, b = heapq.heappop(heap)
+            if tok[b] + n <= capacity and (max_tiles is None or til[b] + t <= max_tiles):
+                bins[b].append(i)
+                tok[b] += n
+                til[b] += t
+                heapq.heappush(heap, (c + float(costs[i]), b))
+                break
+            skipped.append((c, b))
+        else:
+            return None
+        for item in skipped:
+            heapq.heappush(heap, item)
+    return bins if all(bins) else None
