@@ -77,7 +77,9 @@ class DataConfig:
 class PackingConfig:
     enabled: bool = True
     seq_length: int = 512  # pack capacity in decoder tokens (image tokens after expansion included)
-    buffer_size: int = 16  # samples per online packing buffer
+    # samples per online packing buffer; None = trainer.global_batch_size (each step packs exactly the
+    # samples an unpacked step sees)
+    buffer_size: Optional[int] = None
     algorithm: str = "default"
     max_images_per_pack: Optional[int] = None  # cap on tiles per pack (ViT memory); None = no cap
     align: int = 1  # pad each pack to a multiple of this (TP/SP/CP/FP8 divisibility)

@@ -45,6 +45,11 @@ class SyntheticTilesSource:
         return Sample(sample_id=index, text=text, pixels=pixels, tiles=tiles, image_tokens=image_tokens)
 
 
+def buffer_size(cfg: MMTrainConfig) -> int:
+    """packing.buffer_size, defaulting to the global batch size."""
+    return cfg.packing.buffer_size or cfg.trainer.global_batch_size
+
+
 def build_source(cfg: MMTrainConfig, tokens_per_tile: int):
     if cfg.data.name == "llava_json":
         from mmtrain.datamodule.llava_source import LlavaJsonTrainSource
@@ -66,7 +71,7 @@ class DataModule:
         self.settings = PlannerSettings(
             packing=p.enabled,
             seq_length=p.seq_length,
-            buffer_size=p.buffer_size,
+            buffer_size=buffer_size(cfg),
             algorithm=p.algorithm,
             global_batch_size=t.global_batch_size,
             micro_batch_size=t.micro_batch_size,
@@ -81,7 +86,7 @@ class DataModule:
             pack_align=p.align,
             segment_align=p.segment_align,
             oversize_policy=p.oversize_policy,
-            carry_over=p.carry_over if p.carry_over is not None else p.buffer_size != t.global_batch_size,
+            carry_over=p.carry_over if p.carry_over is not None else buffer_size(cfg) != t.global_batch_size,
         )
         plan_packs, plan_kept = self._offline_plan(cfg, tokens_per_tile)
         self.planner = StepPlanner(

@@ -31,7 +31,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mmtrain.config import MMTrainConfig
 from mmtrain.datamodule.batch import PackedMicroBatch
-from mmtrain.datamodule.module import DataModule, tiles_of
+from mmtrain.datamodule.module import DataModule, buffer_size, tiles_of
 from mmtrain.model.vlm import VLM, ParallelShape, tokens_per_tile
 from mmtrain.parallel import setup
 from mmtrain.trainer import checkpoint as ckpt
@@ -454,7 +454,7 @@ def summarize(cfg: MMTrainConfig, lay: setup.ParallelLayout, history: list[dict]
         "padding_fraction": (sum(h["padding_fraction"] for h in timed) / len(timed)) if timed else None,
         "packing_enabled": cfg.packing.enabled,
         "seq_length": cfg.packing.seq_length,
-        "buffer_size": cfg.packing.buffer_size,
+        "buffer_size": buffer_size(cfg),
         "algorithm": cfg.packing.algorithm,
         "world_size": lay.world_size,
         "dp": lay.dp,

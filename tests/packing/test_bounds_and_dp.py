@@ -159,3 +159,16 @@ def test_docvqa_offline_at_least_buffered():
     off = pack_lengths(lens, 8192)
     check(off, lens, 8192)
     assert len(off) <= len(plan_packs(lens, 8192, buffer_size=1000).packs)
+
+
+@pytest.mark.skipif(not (DATA / "chartqa_train_18k.csv").exists(), reason="shared data not present")
+def test_buffered_carry_pack_counts_do_not_regress():
+    # MAX_CARRIES 4 -> 6: chartqa b100 3042 -> 3032, docvqa b1000 1839 -> 1837 (bench/results/packing.md)
+    from mmtrain.data.length_table import load_length_table
+    from mmtrain.packing.policy import plan_packs
+
+    for name, b, most in (("chartqa_train_18k", 100, 3032), ("docvqa_train_10k", 1000, 1837)):
+        lens = load_length_table(DATA / f"{name}.csv").lengths
+        r = plan_packs(lens, 8192, buffer_size=b)
+        check(r.packs, lens, 8192)
+        assert len(r.packs) <= most
