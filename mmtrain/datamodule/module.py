@@ -92,6 +92,7 @@ class DataModule:
         self.planner = StepPlanner(
             self.source.tiles, self.source.text_tokens, tokens_per_tile, self.settings, plan_packs, plan_kept
         )
+        self.planner.set_cost_model(self._cost_model(cfg))
         v = cfg.model.vision
         self.image_shape = (v.in_channels, v.image_size, v.image_size)
 
@@ -113,6 +114,16 @@ class DataModule:
             )
         kept = {int(k): int(v) for k, v in plan.meta.get("truncated", {}).items()}
         return [list(map(int, p)) for p in plan.packs], kept
+
+    @staticmethod
+    def _cost_model(cfg: MMTrainConfig):
+        """What the balancer weighs packs by: calibrated coefficients if given, else FLOP formulas of
+        this model (vision + decoder, frozen parts without weight-gradient work)."""
+        from mmtrain.balancing.cost_model import CostModel
+
+        if cfg.balancing.cost_model:
+            return CostModel.load(cfg.balancing.cost_model)
+        return CostModel.from_config(cfg.model)
 
     def row_length(self) -> Optional[int]:
         p = self.cfg.packing

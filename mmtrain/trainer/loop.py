@@ -116,7 +116,7 @@ def build(cfg: MMTrainConfig) -> Built:
         [ddp],
     )
     tcfg = vlm.config
-    tcfg.finalize_model_grads_func = finalize_model_grads
+    tcfg.finalize_model_grads_func = _TimedFinalize()
     tcfg.no_sync_func = ddp.no_sync
     tpt = tokens_per_tile(cfg.model)
     data = DataModule(cfg, dp=layout.dp, dp_rank=layout.dp_rank, pp=layout.pp, first_stage=layout.is_first_stage, tokens_per_tile=tpt)
@@ -135,6 +135,21 @@ def peak_flops(cfg: MMTrainConfig, device: torch.device) -> float:
         return cfg.cluster.peak_tflops_bf16 * 1e12
     name = torch.cuda.get_device_name(device)
     return next((tf * 1e12 for key, tf in _KNOWN_PEAKS if key in name), 0.0)
+
+
+class _TimedFinalize:
+    """megatron's finalize_model_grads, noting when this rank's own compute ended (before the DP
+    gradient all-reduce makes every rank wait for the slowest): the measured per-rank time that the
+    metrics put next to the balancer's prediction."""
+
+    def __init__(self) -> None:
+        self.entered: Optional[float] = None
+
+    def __call__(self, *args, **kwargs):
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        self.entered = time.perf_counter()
+        return finalize_model_grads(*args, **kwargs)
 
 
 def lr_at(cfg: MMTrainConfig, step: int) -> float:
@@ -171,6 +186,9 @@ def forward_backward(b: Built, micro_batches: list[PackedMicroBatch], *, forward
 
     b.model.zero_grad_buffer()
     b.optimizer.zero_grad()
+    timer = b.model.module.config.finalize_model_grads_func
+    if isinstance(timer, _TimedFinalize):
+        timer.entered = None
     t0 = time.perf_counter()
     losses = get_forward_backward_func()(
         forward_step_func=forward_step,
@@ -183,7 +201,8 @@ def forward_backward(b: Built, micro_batches: list[PackedMicroBatch], *, forward
     )
     if b.layout.device.type == "cuda":
         torch.cuda.synchronize()
-    compute_s = time.perf_counter() - t0
+    done = timer.entered if isinstance(timer, _TimedFinalize) and timer.entered is not None else time.perf_counter()
+    compute_s = done - t0  # this rank's forward/backward, without waiting for the DP all-reduce
     local = torch.zeros(2, dtype=torch.float64, device=b.layout.device)
     if last and b.layout.tp_rank == 0:
         for d in losses:
