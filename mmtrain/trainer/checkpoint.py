@@ -21,6 +21,7 @@ The LR schedule is a pure function of the step (`loop.lr_at`), so the step resto
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -264,6 +265,23 @@ def read_meta(path: Path) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
 
 
+@contextlib.contextmanager
+def _step_state_set_aside(opts):
+    held = []
+    for o in opts:
+        inner = getattr(o, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            if isinstance(state, dict) and torch.is_tensor(state.get("step")):
+                held.append((state, state.pop("step")))
+    try:
+        yield
+    finally:
+        for state, step in held:
+            # megatron's load_state_dict gives every param the *same* step tensor, which torch's
+            # Adam then increments once per param per step; each param needs its own copy.
+            state["step"] = step.detach().clone()
+
+
 def load(b, path: Path, src_fp: str) -> dict:
     """Restore model, optimizer and RNG state from `path` after checking it fits; returns meta."""
     path = Path(path)
@@ -284,8 +302,13 @@ def load(b, path: Path, src_fp: str) -> dict:
         opts = getattr(b.optimizer, "chained_optimizers", [b.optimizer])
         if len(states) != len(opts):
             raise CheckpointMismatchError(f"{path}: saved without the distributed optimizer's parameter state")
-        for o, st in zip(opts, states):
-            o.load_parameter_state_from_dp_zero(st if lay.dp_rank == 0 else None)
+        # no_grad: with fp32 params the distributed optimizer's main params are views of the
+        # (grad-requiring) model params, and megatron copies into them in place.
+        # torch's Adam (megatron's fallback without TE/Apex) keeps a per-param tensor "step" that the
+        # dp-zero parameter state does not carry; set it aside while megatron fills the rest.
+        with torch.no_grad(), _step_state_set_aside(opts):
+            for o, st in zip(opts, states):
+                o.load_parameter_state_from_dp_zero(st if lay.dp_rank == 0 else None)
     _set_rng_state(payload["rng"])
     return meta
 
