@@ -535,6 +535,16 @@ OFFLINE_BUFFERED_MAX_ITEMS = 250_000
 # packs) and it would cost ~0.65 s per 1M samples, so it is skipped there.
 SMALL_FIRST_MAX_KEYS = 1500
 OFFLINE_BUFFERS = (1000, 2000)
+# Offline inputs up to REPAIR_MAX_ITEMS get the local-search repair (mmtrain.packing.repair.
+# repair_packs) on the final plan: the k <= REPAIR_MAX_K least-full packs are re-packed into k-1
+# after exchanges with the other packs; only strict pack-count reductions are kept. REPAIR_WORK
+# bounds the operations (deterministic, not a clock).
+REPAIR = True
+REPAIR_MAX_ITEMS = 300_000
+REPAIR_MAX_K = 6
+REPAIR_WORK = 1_000_000
+LNS_SIZES = (250, 300, 350, 400, 500)  # pool sizes (packs) of the offline LNS step, see _lns
+LNS_WORK = 2_000_000  # top_up operations per LNS step
 
 
 def fill(lengths, capacity, tiles=None, max_tiles=None, seed=0) -> Packs:
@@ -547,7 +557,9 @@ def fill(lengths, capacity, tiles=None, max_tiles=None, seed=0) -> Packs:
     builder). Plans are built on counts and only the winner is turned into index lists. Inputs
     of at most EXACT_MAX_ITEMS samples are solved optimally. The buffer-size path (SMALL_BUILDERS
     + largest-fits) runs in the optional C extension `_fastpack` when it is built: same steps,
-    byte-identical plans (tests/packing/test_fastpack.py), ~7x faster online."""
+    byte-identical plans (tests/packing/test_fastpack.py), ~7x faster online. Offline inputs of
+    SEARCH_MIN_ITEMS..REPAIR_MAX_ITEMS samples finish with the local-search repair
+    (`repair.repair_packs`, pure Python after either path, strict pack-count reductions only)."""
     n = len(lengths)
     if n == 0:
         return []
@@ -558,9 +570,8 @@ def fill(lengths, capacity, tiles=None, max_tiles=None, seed=0) -> Packs:
     builders = (FILL_BUILDERS if n >= SEARCH_MIN_ITEMS else SMALL_BUILDERS) + (_build_largest_fits,)
     if len(base.keys) > SMALL_FIRST_MAX_KEYS:
         builders = tuple(b for b in builders if b is not _build_dp_pattern_small_first)
-    if builders == _SMALL_PLAN_BUILDERS and _fast_ok(capacity, base):
-        best = _fastpack.plan_small(base.keys, [base.cnt[k] for k in base.keys],
-                                    [base.ptr[k] for k in base.keys], capacity, tb_max, base.tmul)
+    if builders == _SMALL_PLAN_BUILDERS:
+        best = _plan_small(base, capacity, tb_max)
     else:
         best = _best_plan(builders, base, capacity, tb_max)
     packs = _materialize(base.order, best[1])
@@ -574,6 +585,45 @@ def fill(lengths, capacity, tiles=None, max_tiles=None, seed=0) -> Packs:
                            max_tiles_per_pack=max_tiles, seed=seed, carry_over=True)
             if len(r.packs) < len(packs):
                 packs = r.packs
+    if REPAIR and SEARCH_MIN_ITEMS <= n <= REPAIR_MAX_ITEMS:
+        from mmtrain.packing.repair import repair_packs
+
+        ll = lengths.tolist()
+        tl = None if tiles is None else tiles.tolist()
+        packs = _lns(packs, lengths, ll, capacity, tiles, tl, max_tiles, tb_max, len(base.keys) <= SMALL_FIRST_MAX_KEYS)
+        packs = repair_packs(packs, ll, capacity, tl, max_tiles, max_k=REPAIR_MAX_K, work=REPAIR_WORK)
+    return packs
+
+
+def _lns(packs: Packs, lengths: np.ndarray, ll: list, capacity: int, tiles, tl, max_tiles, tb_max: int,
+         full: bool) -> Packs:
+    """Offline large-neighbourhood step: for R in LNS_SIZES, the R packs with the most items (small
+    items, the flexible part of the plan; ties: earlier pack) become a pool; the other packs take
+    pool items by exchanges that raise their tokens (`repair.top_up`), then the pool is re-packed
+    with the full builders (`full`: inputs with few distinct keys; else the buffer path). Kept only when the plan gets fewer packs; stops at the first size that
+    does not help. E.g. chartqa: the six-5-tile packs take the long-text 5-tile samples of the
+    mixed packs, and the mixed packs are re-packed around the short-text ones."""
+    from mmtrain.packing.repair import top_up
+
+    builders = FILL_BUILDERS + (_build_largest_fits,)
+    for size in LNS_SIZES:
+        if size >= len(packs):
+            break
+        order = sorted(range(len(packs)), key=lambda j: (-len(packs[j]), j))
+        pool_ids = set(order[:size])
+        held = [i for j in sorted(pool_ids) for i in packs[j]]
+        others = [packs[j] for j in range(len(packs)) if j not in pool_ids]
+        others, held = top_up(others, held, ll, capacity, tl, max_tiles, work=LNS_WORK, pair_max=0)
+        idx = np.asarray(sorted(held), dtype=np.int64)
+        sub = _KeyPool(lengths[idx], None if tiles is None else tiles[idx])
+        if full:  # few distinct keys in the input (real VLM tables): the full builders
+            best = _best_plan(builders, sub, capacity, tb_max)
+        else:  # many keys (exact fills abound; the 256-key DP would be slow): the buffer path
+            best = _plan_small(sub, capacity, tb_max)
+        refill = _materialize(sub.order, best[1])
+        if len(others) + len(refill) >= len(packs):
+            break
+        packs = others + [idx[p].tolist() for p in refill]
     return packs
 
 
@@ -583,6 +633,14 @@ FAST_MAX_CAPACITY = 1 << 20  # the C DP keeps a memo slot per residual (capacity
 
 def _fast_ok(capacity: int, pool: _KeyPool) -> bool:
     return _fastpack is not None and capacity <= FAST_MAX_CAPACITY and pool.tmul <= (1 << 20)
+
+
+def _plan_small(base: _KeyPool, capacity: int, tb_max: int) -> tuple[int, list]:
+    """The buffer-size plan (_SMALL_PLAN_BUILDERS): C extension when built, else pure Python."""
+    if _fast_ok(capacity, base):
+        return _fastpack.plan_small(base.keys, [base.cnt[k] for k in base.keys],
+                                    [base.ptr[k] for k in base.keys], capacity, tb_max, base.tmul)
+    return _best_plan(_SMALL_PLAN_BUILDERS, base, capacity, tb_max)
 
 
 def _best_plan(builders, base: _KeyPool, capacity: int, tb_max: int) -> tuple[int, list]:

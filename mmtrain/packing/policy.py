@@ -20,11 +20,18 @@ from mmtrain.packing.algorithms import (
     pack_lengths,
     resolve_algorithm,
 )
+from mmtrain.packing.repair import top_up
 
 OVERSIZE_POLICIES = ("error", "truncate", "drop")
 MAX_CARRIES = 6  # was 4; 6 never lost a pack in the bench (buffers 100/1000, offline), see bench/results
 CARRY_FILL = 0.995  # packs filled below this fraction of capacity are carried to the next buffer
 CARRY_FRACTION = 0.25  # at most this share of a buffer is carried
+# `fill` only: after the carry choice, emitted packs take held samples by exchanges that raise
+# their tokens (mmtrain.packing.repair.top_up); bounded by TOP_UP_WORK operations per buffer,
+# pairs of held samples are tried while at most TOP_UP_PAIR_MAX samples are held.
+TOP_UP = True
+TOP_UP_WORK = 20_000
+TOP_UP_PAIR_MAX = 100
 
 
 @dataclass
@@ -149,7 +156,9 @@ def pack_buffer(
 
     With `carry` (times each sample was already carried; None = final flush) the least-filled
     packs below CARRY_FILL are held back, up to CARRY_FRACTION of buffer_size samples, skipping
-    packs holding a sample carried MAX_CARRIES times.
+    packs holding a sample carried MAX_CARRIES times. For `fill` (TOP_UP) the emitted packs then
+    take held samples by exchanges that raise their tokens (`repair.top_up`; only samples carried
+    fewer than MAX_CARRIES times are moved into the held set, which stays within the budget).
     """
     packs = pack_lengths(
         lengths, capacity, algorithm, tiles=tiles, max_tiles_per_pack=max_tiles_per_pack,
@@ -161,7 +170,7 @@ def pack_buffer(
     cap = effective_capacity(capacity, pack_align)
     el = eff.tolist()
     fills = [sum([el[i] for i in p]) for p in packs]
-    budget = int((buffer_size or len(lengths)) * CARRY_FRACTION)
+    budget = budget0 = int((buffer_size or len(lengths)) * CARRY_FRACTION)
     held: set[int] = set()
     carried: list[int] = []
     for j in sorted(range(len(packs)), key=lambda j: (fills[j], j)):
@@ -173,6 +182,13 @@ def pack_buffer(
         carried.extend(packs[j])
         budget -= len(packs[j])
     emitted = [p for j, p in enumerate(packs) if j not in held]
+    if carried and TOP_UP and resolve_algorithm(algorithm) == "fill":
+        tl = None if tiles is None or max_tiles_per_pack is None else np.asarray(tiles, np.int64).tolist()
+        emitted, carried = top_up(
+            emitted, carried, el, cap, tl, max_tiles_per_pack,
+            movable=[c < MAX_CARRIES for c in carry.tolist()], max_held=budget0,
+            work=TOP_UP_WORK, pair_max=TOP_UP_PAIR_MAX,
+        )
     return emitted, sorted(carried)
 
 
