@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 .PHONY: demo test venv
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py mmtrain/packing/_fastpack.c
 	@set -e; \
 	if [ ! -x "$(PY)" ]; then \
 	  PY312=$$(bash launch/find_python312.sh); \
