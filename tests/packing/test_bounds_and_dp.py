@@ -1,7 +1,5 @@
 """Lower bounds (validity vs brute force) and the minimum-slack DP builder of `fill`."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -9,41 +7,9 @@ from hypothesis import strategies as st
 
 from mmtrain.packing import algorithms as A
 from mmtrain.packing.algorithms import pack_lengths
+from packing_checks import DATA, brute_min_packs, check, synth
+
 from mmtrain.packing.bounds import best_lower_bound, floor_bound, l2_bound, lp_bound, volume_bound
-
-import itertools
-
-from mmtrain.packing.algorithms import align_up
-
-
-def check(packs, lengths, cap, tiles=None, max_tiles=None, sa=1, pa=1):
-    assert sorted(i for p in packs for i in p) == list(range(len(lengths))), "every sample exactly once"
-    lengths = np.asarray(lengths)
-    for p in packs:
-        assert p and int(align_up(align_up(lengths[p], sa).sum(), pa)) <= cap
-        if max_tiles is not None:
-            assert int(np.asarray(tiles)[p].sum()) <= max_tiles
-
-
-def synth(n, seed=0):
-    rng = np.random.default_rng(seed)
-    tiles = rng.integers(1, 21, n)
-    return tiles * 256 + rng.integers(16, 129, n), tiles
-
-
-def brute_min_packs(lens, cap):
-    n, best = len(lens), len(lens)
-    for assign in itertools.product(range(n), repeat=n):
-        if max(assign) + 1 >= best or any(assign[i] > max(assign[:i], default=-1) + 1 for i in range(n)):
-            continue
-        sums = [0] * n
-        for i, b in enumerate(assign):
-            sums[b] += lens[i]
-        if max(sums) <= cap:
-            best = max(assign) + 1
-    return best
-
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 @settings(max_examples=30, deadline=None)

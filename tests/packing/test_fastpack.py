@@ -2,7 +2,6 @@
 pure-Python path of `fill`, and the project must work without it."""
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from mmtrain.packing import algorithms as A
 from mmtrain.packing.online import BufferedPacker
 from mmtrain.packing.policy import plan_packs
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+from packing_checks import DATA  # noqa: E402
 
 needs_ext = pytest.mark.skipif(
     A._fastpack is None and not os.environ.get("MMTRAIN_REQUIRE_FASTPACK"),

@@ -1,6 +1,5 @@
 """Packing engine: validity, constraints, policies, determinism, optimality on tiny inputs."""
 
-import itertools
 import json
 
 import numpy as np
@@ -8,31 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmtrain.packing.algorithms import ALGORITHMS, DEFAULT_ALGORITHM, align_up, pack_lengths
+from mmtrain.packing.algorithms import ALGORITHMS, DEFAULT_ALGORITHM, pack_lengths
 from mmtrain.packing.online import BufferedPacker
 from mmtrain.packing.plan import PlanMismatchError, load_plan
 from mmtrain.packing.policy import plan_packs
 
+from packing_checks import brute_min_packs, check, synth  # noqa: E402
+
 ALGS = sorted(ALGORITHMS)
-
-
-def check(packs, lengths, cap, tiles=None, max_tiles=None, sa=1, pa=1, n=None):
-    n = len(lengths) if n is None else n
-    flat = sorted(i for p in packs for i in p)
-    assert flat == list(range(n)), "every sample exactly once"
-    lengths = np.asarray(lengths)
-    for p in packs:
-        assert p, "no empty packs"
-        used = int(align_up(align_up(lengths[p], sa).sum(), pa))
-        assert used <= cap
-        if max_tiles is not None:
-            assert int(np.asarray(tiles)[p].sum()) <= max_tiles
-
-
-def synth(n, seed=0):
-    rng = np.random.default_rng(seed)
-    tiles = rng.integers(1, 21, n)
-    return tiles * 256 + rng.integers(16, 129, n), tiles
 
 
 @pytest.mark.parametrize("alg", ALGS)
@@ -70,20 +52,6 @@ def test_greedy_knapsack_matches_definition():
     lens = [5, 1, 4, 3, 3, 2]
     packs = pack_lengths(lens, 7, "greedy_knapsack")
     assert [sorted(lens[i] for i in p) for p in packs] == [[2, 5], [3, 4], [1, 3]]
-
-
-def brute_min_packs(lens, cap):
-    n = len(lens)
-    best = n
-    for assign in itertools.product(range(n), repeat=n):
-        if max(assign) + 1 >= best or any(assign[i] > max(assign[:i], default=-1) + 1 for i in range(n)):
-            continue
-        sums = [0] * n
-        for i, b in enumerate(assign):
-            sums[b] += lens[i]
-        if max(sums) <= cap:
-            best = max(assign) + 1
-    return best
 
 
 @settings(max_examples=25, deadline=None)

@@ -1,8 +1,6 @@
 """Local-search repair (mmtrain.packing.repair): `top_up` per buffer (carry mode) and
 `repair_packs` on finished offline plans."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -14,24 +12,7 @@ from mmtrain.packing.algorithms import align_up, effective_capacity, pack_length
 from mmtrain.packing.online import BufferedPacker
 from mmtrain.packing.policy import pack_buffer, plan_packs
 from mmtrain.packing.repair import repair_packs, top_up
-
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-
-
-def check(packs, lengths, cap, tiles=None, max_tiles=None, sa=1, pa=1, n=None):
-    n = len(lengths) if n is None else n
-    assert sorted(i for p in packs for i in p) == list(range(n)), "every sample exactly once"
-    lengths = np.asarray(lengths)
-    for p in packs:
-        assert p and int(align_up(align_up(lengths[p], sa).sum(), pa)) <= cap
-        if max_tiles is not None:
-            assert int(np.asarray(tiles)[p].sum()) <= max_tiles
-
-
-def synth(n, seed=0):
-    rng = np.random.default_rng(seed)
-    tiles = rng.integers(1, 21, n)
-    return tiles * 256 + rng.integers(16, 129, n), tiles
+from packing_checks import DATA, check, synth
 
 
 def _tokens(packs, lens):
