@@ -71,12 +71,7 @@ class _KeyPool:
 
     def take(self, key: int, k: int = 1) -> np.ndarray:
         """Pop k sample indices of `key` (front of its pool, so original order is kept)."""
-        p = self.ptr[key]
-        self.ptr[key] = p + k
-        c = self.cnt[key] - k
-        self.cnt[key] = c
-        if c == 0:
-            del self.keys[bisect.bisect_left(self.keys, key)]
+        p = self.consume(key, k)
         return self.order[p : p + k]
 
     def largest_upto(self, r: int, tb: int, below: int | None = None, used: dict | None = None) -> int:

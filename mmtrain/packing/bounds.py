@@ -133,7 +133,7 @@ def lp_bound(lengths, capacity: int, max_classes: int = 400, max_iters: int = 50
     s, d = _classes(u, c, max_classes)
     d = d.astype(float)
     m = len(s)
-    ub = np.minimum(c_int := d.astype(np.int64), L // s)
+    ub = np.minimum(d.astype(np.int64), L // s)
     # basis: homogeneous patterns (column j holds floor(L/s_j) copies of size j)
     cols: list[np.ndarray] = []
     binv = np.diag(1.0 / (L // s).astype(float))

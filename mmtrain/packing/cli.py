@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from mmtrain.packing.algorithms import ALGORITHMS, DEFAULT_ALGORITHM
+from mmtrain.packing.algorithms import ALGORITHMS
 from mmtrain.packing.policy import OVERSIZE_POLICIES, plan_packs
 
 

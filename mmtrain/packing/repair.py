@@ -31,6 +31,19 @@ def _subsets2(items, lens, tls):
     return out
 
 
+def _sorted_sums(items, lens, tls, pairs: bool):
+    """(sum, tiles, items) of every single item and, if `pairs`, every pair, sorted; plus the sums."""
+    ps = [(lens[a], tls[a], (a,)) for a in items]
+    if pairs:
+        for x in range(len(items)):
+            a = items[x]
+            for y in range(x + 1, len(items)):
+                b = items[y]
+                ps.append((lens[a] + lens[b], tls[a] + tls[b], (a, b)))
+    ps.sort()
+    return ps, [t[0] for t in ps]
+
+
 def _fits_bins(items, m, lens, tls, cap, tmax, budget=2000):
     """Pack `items` into at most m bins (FFD, then a bounded exact DFS). Returns bins or None."""
     if not items:
@@ -122,18 +135,7 @@ def repair_packs(packs, lens, cap, tls=None, tmax=None, max_k=6, work=200_000):
                 bins = _fits_bins(pool, k - 1, lens, tls, cap, tmax)
                 ok = bins is not None
 
-            def pool_sums():
-                ps = [(lens[a], tls[a], (a,)) for a in pool]
-                np_ = len(pool)
-                for x in range(np_):
-                    px = pool[x]
-                    for y in range(x + 1, np_):
-                        py = pool[y]
-                        ps.append((lens[px] + lens[py], tls[px] + tls[py], (px, py)))
-                ps.sort()
-                return ps, [t[0] for t in ps]
-
-            ps, psum = pool_sums()
+            ps, psum = _sorted_sums(pool, lens, tls, pairs=True)
             budget -= len(ps)
             while changed and budget > 0 and not ok:
                 changed = False
@@ -185,7 +187,7 @@ def repair_packs(packs, lens, cap, tls=None, tmax=None, max_k=6, work=200_000):
                         if bins is not None:
                             ok = True
                             break
-                    ps, psum = pool_sums()
+                    ps, psum = _sorted_sums(pool, lens, tls, pairs=True)
                     budget -= len(ps)
             if ok:
                 for j, b in zip(pooled, bins + [None] * (k - len(bins))):
@@ -222,19 +224,8 @@ def top_up(packs, held, lens, cap, tls=None, tmax=None, movable=None, max_held=N
     packs = list(packs)
     budget = work
 
-    def sums():
-        ps = [(lens[a], tls[a], (a,)) for a in held]
-        n = len(held) if len(held) <= pair_max else 0
-        for x in range(n):
-            a = held[x]
-            for y in range(x + 1, n):
-                b = held[y]
-                ps.append((lens[a] + lens[b], tls[a] + tls[b], (a, b)))
-        ps.sort()
-        return ps, [t[0] for t in ps]
-
-    ps, psum = sums()
     with_pairs = len(held) <= pair_max
+    ps, psum = _sorted_sums(held, lens, tls, pairs=with_pairs)
     budget -= len(ps)
     big = 1 << 62
     bisect_right = bisect.bisect_right
@@ -284,11 +275,11 @@ def top_up(packs, held, lens, cap, tls=None, tmax=None, movable=None, max_held=N
         held = [i for i in held if i not in P] + list(A)
         pairs = len(held) <= pair_max
         if pairs != with_pairs:
-            ps, psum = sums()  # crossed pair_max: rebuild
+            ps, psum = _sorted_sums(held, lens, tls, pairs=pairs)  # crossed pair_max: rebuild
             with_pairs = pairs
             budget -= len(ps)
             continue
-        # incremental update of the sorted (sum, tiles, items) list: same content as sums()
+        # incremental update of the sorted (sum, tiles, items) list: same content as _sorted_sums()
         if not pairs:
             for i in P:
                 x = bisect.bisect_left(ps, (lens[i], tls[i], (i,)))
