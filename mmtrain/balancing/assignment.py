@@ -298,7 +298,6 @@ def _window_default(c, t, dp, m, w):
     size = dp * m
     order = _order_desc(c)
     x = c[order]
-    tx = None if t is None else t[order]
     r = n % size
     if m == 1:
         groups = [[int(order[q]) for q in range(i, j)] for i, j in _dp_cuts(x, None, dp, r, 0.0)]
