@@ -30,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from mmtrain.config import compose  # noqa: E402
-from mmtrain.datamodule.module import DataModule, tiles_of  # noqa: E402
-from mmtrain.trainer import flops as flops_mod  # noqa: E402
+from mmtrain.datamodule.module import DataModule  # noqa: E402
 from mmtrain.trainer import loop  # noqa: E402
 
 MODES = {
@@ -62,8 +61,7 @@ def run_mode(b, overrides: list[str], steps: int, warmup: int, peak: float) -> d
             continue
         total_s += dt
         samples += plan.num_samples
-        lengths = [plan.kept_length.get(j, int(dm.planner.lengths[j])) for j in plan.sample_ids]
-        useful += flops_mod.step_flops(cfg.model, lengths, tiles_of(plan, dm.source.tiles), b.tokens_per_tile)
+        useful += loop.useful_flops(dm, plan)
         real += sum(plan.row_tokens)
         padded += dm.padded_tokens(plan)
     out = {

@@ -101,11 +101,9 @@ class DataModule:
         one `mmtrain lengths` writes); refused with what differs if it was made for other data."""
         if not (cfg.packing.enabled and cfg.packing.plan):
             return None, None
-        from mmtrain.packing.plan import fingerprint, load_plan
+        from mmtrain.packing.plan import load_plan
 
-        tiles = np.asarray(self.source.tiles, dtype=np.int64)
-        fp = fingerprint(tiles * tokens_per_tile, np.asarray(self.source.text_tokens, dtype=np.int64), tiles)
-        plan = load_plan(cfg.packing.plan, expected_fingerprint=fp)
+        plan = load_plan(cfg.packing.plan, expected_fingerprint=self.source_fingerprint())
         made_for = plan.meta.get("params", {}).get("seq_length")
         if made_for is not None and made_for > cfg.packing.seq_length:
             raise ValueError(
@@ -114,6 +112,21 @@ class DataModule:
             )
         kept = {int(k): int(v) for k, v in plan.meta.get("truncated", {}).items()}
         return [list(map(int, p)) for p in plan.packs], kept
+
+    def source_fingerprint(self) -> str:
+        """sha256 of this source's length table (image tokens after expansion, text, tiles): what
+        offline plans and checkpoints are tied to; `mmtrain lengths` writes the same table."""
+        from mmtrain.packing.plan import fingerprint
+
+        tiles = np.asarray(self.source.tiles, dtype=np.int64)
+        return fingerprint(tiles * self.tokens_per_tile, np.asarray(self.source.text_tokens, dtype=np.int64), tiles)
+
+    def sample_lengths(self, plan: StepPlan) -> list[int]:
+        """Decoder tokens of each sample of the step, after any truncation."""
+        return [plan.kept_length.get(i, int(self.planner.lengths[i])) for i in plan.sample_ids]
+
+    def plan_tiles(self, plan: StepPlan) -> int:
+        return int(sum(int(self.source.tiles[i]) for i in plan.sample_ids))
 
     @staticmethod
     def _cost_model(cfg: MMTrainConfig):
@@ -191,7 +204,3 @@ def export_lengths_main(argv: list[str]) -> int:
     np.savetxt(args.out, table, fmt="%d", delimiter=",", header="id,tiles,image_tokens,text_tokens", comments="")
     print(f"wrote {len(tiles)} rows to {args.out}")
     return 0
-
-
-def tiles_of(plan: StepPlan, tiles: np.ndarray) -> int:
-    return int(sum(int(tiles[i]) for i in plan.sample_ids))

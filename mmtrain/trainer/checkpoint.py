@@ -80,14 +80,6 @@ def config_fingerprint(cfg) -> dict[str, Any]:
     return out
 
 
-def source_fingerprint(tiles: np.ndarray, text_tokens: np.ndarray, tokens_per_tile: int) -> str:
-    """sha256 of the training source's length table (what the plan is computed from)."""
-    from mmtrain.packing.plan import fingerprint
-
-    tiles = np.asarray(tiles, dtype=np.int64)
-    return fingerprint(tiles * tokens_per_tile, np.asarray(text_tokens, dtype=np.int64), tiles)
-
-
 def compare(saved: dict, current: dict) -> list[str]:
     """Human-readable differences between two config fingerprints."""
     diffs = []

@@ -30,7 +30,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mmtrain.config import MMTrainConfig
 from mmtrain.datamodule.batch import PackedMicroBatch
-from mmtrain.datamodule.module import DataModule, buffer_size, tiles_of
+from mmtrain.datamodule.module import DataModule, buffer_size
 from mmtrain.model.vlm import VLM, ParallelShape, tokens_per_tile
 from mmtrain.parallel import setup
 from mmtrain.trainer import checkpoint as ckpt
@@ -134,6 +134,11 @@ def peak_flops(cfg: MMTrainConfig, device: torch.device) -> float:
         return cfg.cluster.peak_tflops_bf16 * 1e12
     name = torch.cuda.get_device_name(device)
     return next((tf * 1e12 for key, tf in _KNOWN_PEAKS if key in name), 0.0)
+
+
+def useful_flops(data: DataModule, plan) -> float:
+    """Useful FLOPs of a step (real tokens only; mmtrain/trainer/flops.py), for TFLOP/s and MFU."""
+    return flops_mod.step_flops(data.cfg.model, data.sample_lengths(plan), data.plan_tiles(plan), data.tokens_per_tile)
 
 
 class _TimedFinalize:
@@ -329,8 +334,7 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
     lay = b.layout
     is_rank0 = lay.rank == 0
     out_dir = Path(t.output_dir)
-    src = b.data.source
-    src_fp = ckpt.source_fingerprint(src.tiles, src.text_tokens, b.tokens_per_tile)
+    src_fp = b.data.source_fingerprint()
     start, counters = _resume(b, src_fp)
     metrics_path = out_dir / "metrics.jsonl"
     history: list[dict] = _read_metrics(metrics_path, start) if (is_rank0 and start) else []
@@ -346,7 +350,7 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
     skipped_steps = int(counters.get("skipped_steps", 0))
     consecutive = int(counters.get("consecutive_nonfinite", 0))
     bad_samples = int(counters.get("bad_samples", 0))
-    skipped_samples = int(getattr(src, "skipped_samples", 0))
+    skipped_samples = int(getattr(b.data.source, "skipped_samples", 0))
     last_saved = start if start else -1
 
     def save(done: int) -> None:
@@ -386,8 +390,7 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
             samples = plan.num_samples
             real_tokens = sum(plan.row_tokens)
             padded = b.data.padded_tokens(plan)
-            lengths = [b.data.planner.lengths[i] if i not in plan.kept_length else plan.kept_length[i] for i in plan.sample_ids]
-            useful = flops_mod.step_flops(cfg.model, lengths, tiles_of(plan, src.tiles), b.tokens_per_tile)
+            useful = useful_flops(b.data, plan)
             rec = {
                 "step": plan.step,
                 "loss": r["loss_sum"] / max(r["loss_tokens"], 1),
