@@ -14,8 +14,8 @@ import glob
 import platform
 import time
 
-from mmtrain.balancing.cost_model import CostModel
-from mmtrain.balancing.simulator import load_source, simulate
+from mmtrain.balancing.cost import CostModel
+from mmtrain.steps.simulate import load_source, simulate
 
 SOURCES = sorted(glob.glob("/work/shared/data/*.csv")) + ["synthetic:10000"]
 CASES = [dict(dp=4, pp=1, micro_batches=1), dict(dp=64, pp=1, micro_batches=1), dict(dp=4, pp=4, micro_batches=8)]

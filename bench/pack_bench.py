@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mmtrain.data.length_table import load_length_table
+from mmtrain.data.lengths import load_length_table
 from mmtrain.packing.algorithms import ALGORITHMS, DEFAULT_ALGORITHM
 from mmtrain.packing.bounds import best_lower_bound
-from mmtrain.packing.online import BufferedPacker
+from mmtrain.packing.buffered import BufferedPacker
 from mmtrain.packing.policy import plan_packs
 
 

@@ -8,15 +8,12 @@ Prints the sorted times of each repeat for our default and for greedy_knapsack (
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mmtrain.packing.online import BufferedPacker  # noqa: E402
+from mmtrain.packing.buffered import BufferedPacker  # noqa: E402
 from mmtrain.packing.policy import plan_packs  # noqa: E402
 
 

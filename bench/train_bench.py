@@ -6,7 +6,7 @@ Modes (same samples, same model weights, same optimizer; only the layout changes
   greedy    Megatron-LM's greedy knapsack, buffer 100
   packed    our default packer and balancer, buffer `--buffer`
 
-Prints, per mode: time per sample (ms), useful TFLOP/s (real tokens only, mmtrain/trainer/flops.py),
+Prints, per mode: time per sample (ms), useful TFLOP/s (real tokens only, mmtrain/train/flops.py),
 MFU (against --peak-tflops or the cluster / GPU peak), peak memory, padding fraction, and the speedup
 over `padded`. Runs on CPU too (use the tiny model there).
 
@@ -19,19 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
 
 warnings.filterwarnings("ignore")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
 from mmtrain.config import compose  # noqa: E402
-from mmtrain.datamodule.module import DataModule  # noqa: E402
-from mmtrain.trainer import loop  # noqa: E402
+from mmtrain.steps.datamodule import DataModule  # noqa: E402
+from mmtrain.train.build import build  # noqa: E402
+from mmtrain.train.metrics import peak_flops, useful_flops  # noqa: E402
+from mmtrain.train.step import forward_backward  # noqa: E402
 
 MODES = {
     "padded": ["packing.enabled=false", "packing.pad_unpacked_to=seq_length"],
@@ -52,7 +52,7 @@ def run_mode(b, overrides: list[str], steps: int, warmup: int, peak: float) -> d
         plan = dm.next_step()
         t0 = time.perf_counter()
         mbs = list(dm.micro_batches(plan))
-        loop.forward_backward(b, mbs)
+        forward_backward(b, mbs)
         b.optimizer.step()
         if lay.device.type == "cuda":
             torch.cuda.synchronize()
@@ -61,7 +61,7 @@ def run_mode(b, overrides: list[str], steps: int, warmup: int, peak: float) -> d
             continue
         total_s += dt
         samples += plan.num_samples
-        useful += loop.useful_flops(dm, plan)
+        useful += useful_flops(dm, plan)
         real += sum(plan.row_tokens)
         padded += dm.padded_tokens(plan)
     out = {
@@ -87,8 +87,8 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     base = ["trainer.progress_bar=off", *args.overrides]
-    b = loop.build(compose(base))
-    peak = args.peak_tflops * 1e12 or loop.peak_flops(b.cfg, b.layout.device)
+    b = build(compose(base))
+    peak = args.peak_tflops * 1e12 or peak_flops(b.cfg, b.layout.device)
     results = {}
     for mode in args.modes.split(","):
         results[mode] = run_mode(b, base + MODES[mode], args.steps, args.warmup, peak)

@@ -9,11 +9,11 @@ import importlib
 import sys
 
 COMMANDS = {
-    "analyze": ("mmtrain.data.analysis", "main", "token statistics and histograms of a data source"),
+    "analyze": ("mmtrain.analysis.stats", "main", "token statistics and histograms of a data source"),
     "pack": ("mmtrain.packing.cli", "main", "write a packing plan (PLAN.jsonl) for a length table"),
-    "simulate": ("mmtrain.balancing.cli", "simulate_main", "straggler / bubble simulation per strategy"),
+    "simulate": ("mmtrain.steps.simulate_cli", "simulate_main", "straggler / bubble simulation per strategy"),
     "calibrate": ("mmtrain.balancing.calibrate", "main", "time a few shapes and fit cost-model coefficients"),
-    "lengths": ("mmtrain.datamodule.module", "export_lengths_main", "write the training source's length table (for `pack`)"),
+    "lengths": ("mmtrain.steps.datamodule", "export_lengths_main", "write the training source's length table (for `pack`)"),
 }
 
 

@@ -1,7 +1,7 @@
 """Run both packing variants of a recipe and write the seed's table (Markdown + JSON).
 
     python recipes/seed_table.py --recipe h20_1gpu                       # on one H20
-    python recipes/seed_table.py --recipe h20_4gpu_dp4                   # 4 processes via launch/torchrun.py
+    python recipes/seed_table.py --recipe h20_4gpu_dp4                   # 4 processes via mmtrain.launch.torchrun
     python recipes/seed_table.py --recipe h20_4gpu_dp4 model=tiny cluster=cpu   # CPU smoke
     python recipes/seed_table.py --recipe h20_1gpu --from-dirs RUN_OFF RUN_ON   # table from finished runs
 
@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "launch"))
 
 VARIANTS = (("disabled", "packing=disabled"), ("enabled", "packing=default"))
 COLUMNS = ("Packing sequence", "Time per sample (ms)", "Buffer size", "Packing sequence length",
@@ -87,7 +86,7 @@ def write_table(table: dict, out: Path) -> tuple[Path, Path]:
 def run_variant(recipe: str, overrides: list[str], variant_override: str, run_dir: Path, world: int) -> None:
     args = [f"recipe={recipe}", *overrides, variant_override, f"trainer.output_dir={run_dir}"]
     if world > 1:
-        cmd = [sys.executable, str(REPO / "launch" / "torchrun.py"), *args]
+        cmd = [sys.executable, "-m", "mmtrain.launch.torchrun", *args]
     else:
         cmd = [sys.executable, "-m", "mmtrain.train", *args]
     print(f"[seed_table] {' '.join(cmd)}", flush=True)
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="Hydra overrides for both variants")
     args = p.parse_intermixed_args(argv)
 
-    from _common import compose_shape
+    from mmtrain.launch.common import compose_shape
 
     shape = compose_shape(args.recipe, args.overrides)
     cluster = shape.cluster

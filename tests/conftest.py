@@ -1,15 +1,13 @@
-"""Root fixtures. Reusable helpers live in mmtest_utils.py (import it; conftest modules clash by name)."""
+"""Root fixtures. Helpers shared by tests are plain modules in tests/ (on the path via pyproject's
+`pythonpath`): mmtest_utils, packing_checks, analysis_helpers, llava_data."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from mmtest_utils import REPO  # noqa: E402
+from mmtest_utils import REPO
 
 
 @pytest.fixture(scope="session")

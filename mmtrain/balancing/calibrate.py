@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .cost_model import CostModel
+from mmtrain.balancing.cost import CostModel
 
 
 def _timeit(fn, repeats: int, sync) -> float:

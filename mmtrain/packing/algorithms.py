@@ -552,7 +552,7 @@ def fill(lengths, capacity, tiles=None, max_tiles=None, seed=0) -> Packs:
     builder). Plans are built on counts and only the winner is turned into index lists. Inputs
     of at most EXACT_MAX_ITEMS samples are solved optimally. The buffer-size path (SMALL_BUILDERS
     + largest-fits) runs in the optional C extension `_fastpack` when it is built: same steps,
-    byte-identical plans (tests/packing/test_fastpack.py), ~7x faster online. Offline inputs of
+    byte-identical plans (tests/unit/packing/test_fastpack.py), ~7x faster online. Offline inputs of
     SEARCH_MIN_ITEMS..REPAIR_MAX_ITEMS samples finish with the local-search repair
     (`repair.repair_packs`, pure Python after either path, strict pack-count reductions only)."""
     n = len(lengths)

@@ -35,13 +35,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-full-steps", action="store_true",
                    help="with --dp: keep a partial last step (some ranks idle) instead of re-packing the "
                         "remainder into dp x micro-batches smaller packs")
-    p.add_argument("--balance", default=None, help="balancing strategy (mmtrain.balancing.assignment)")
+    p.add_argument("--balance", default=None, help="balancing strategy (mmtrain.balancing.assign)")
     return p
 
 
 def _assign(result, tiles, args) -> list[dict]:
-    from mmtrain.balancing.assignment import assign_packs_to_steps, split_remainder
-    from mmtrain.balancing.cost_model import CostModel
+    from mmtrain.balancing.assign import assign_packs_to_steps, split_remainder
+    from mmtrain.balancing.cost import CostModel
     from mmtrain.packing.algorithms import align_up, effective_capacity
 
     model = CostModel.default()
@@ -67,8 +67,8 @@ def main(argv: list[str]) -> int:
     if (args.dp is None) != (args.micro_batches is None):
         print("mmtrain pack: --dp and --micro-batches go together", file=sys.stderr)
         return 2
-    from mmtrain.data.length_table import load_length_table
-    from mmtrain.packing.plan import write_plan
+    from mmtrain.data.lengths import load_length_table
+    from mmtrain.packing.plan_file import write_plan
 
     table = load_length_table(args.source)
     try:

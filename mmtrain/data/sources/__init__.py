@@ -15,9 +15,9 @@ import os
 
 from mmtrain.data.sources.base import ErrorLog, ScanOptions, ScanResult, Source
 from mmtrain.data.sources.image_folder import ImageFolderSource
-from mmtrain.data.sources.length_table_source import LENGTH_TABLE_EXTS, LengthTableSource
+from mmtrain.data.sources.lengths import LENGTH_TABLE_EXTS, LengthTableSource
 from mmtrain.data.sources.llava_json import LlavaJsonSource
-from mmtrain.data.sources.synthetic_source import SyntheticSource
+from mmtrain.data.sources.synthetic import SyntheticSource
 from mmtrain.data.sources.webdataset import WebDatasetSource
 
 __all__ = [

@@ -105,8 +105,8 @@ class ScanOptions:
     max_images: int = 1  # images allowed per sample before `multiple_images` is logged
 
     def resolved(self) -> "ScanOptions":
-        from mmtrain.data.token_accounting import TokenAccounting
-        from mmtrain.data.tokenizer import ByteTokenizer
+        from mmtrain.data.accounting import TokenAccounting
+        from mmtrain.data.text import ByteTokenizer
 
         return ScanOptions(
             accounting=self.accounting or TokenAccounting(),

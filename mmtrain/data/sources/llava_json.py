@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 from mmtrain.data.image_headers import scan_sizes
 from mmtrain.data.sources.base import ScanBuilder, ScanOptions, ScanResult, Source, progress_bar
-from mmtrain.data.tokenizer import count_conversation
+from mmtrain.data.text import count_conversation
 
 MALFORMED_JSON = "malformed_json"
 MALFORMED_RECORD = "malformed_record"

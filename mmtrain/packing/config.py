@@ -1,0 +1,27 @@
+"""Packing schema (`packing=`): capacity, buffer, algorithm, alignment, oversize policy, plan file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class PackingConfig:
+    enabled: bool = True
+    seq_length: int = 512  # pack capacity in decoder tokens (image tokens after expansion included)
+    # samples per online packing buffer; None = trainer.global_batch_size (each step packs exactly the
+    # samples an unpacked step sees)
+    buffer_size: Optional[int] = None
+    algorithm: str = "default"
+    max_images_per_pack: Optional[int] = None  # cap on tiles per pack (ViT memory); None = no cap
+    align: int = 1  # pad each pack to a multiple of this (TP/SP/CP/FP8 divisibility)
+    segment_align: int = 1  # pad each sample segment to a multiple of this (CP: 2*cp; FP8: 16)
+    oversize_policy: str = "error"  # error | truncate | drop
+    # unpacked runs: "seq_length" pads every sample to packing.seq_length (the seed's baseline);
+    # "none" runs each sample at its own length.
+    pad_unpacked_to: str = "seq_length"
+    plan: Optional[str] = None  # offline PLAN.jsonl from `mmtrain pack`; None = online packing
+    # carry under-filled packs into the next buffer (better fill). None = auto: off when buffer_size
+    # equals trainer.global_batch_size, so each step packs exactly the samples an unpacked step sees.
+    carry_over: Optional[bool] = None

@@ -1,0 +1,97 @@
+"""Build one training process: process groups, the model on this rank's pipeline stage, megatron
+DDP, the megatron optimizer and the data module."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+from mmtrain.config import MMTrainConfig
+from mmtrain.models.vlm import VLM, ParallelShape, tokens_per_tile
+from mmtrain.parallel import setup
+from mmtrain.steps.datamodule import DataModule
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"trainer.precision must be fp32 or bf16, got {precision!r}")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+@dataclass
+class Built:
+    cfg: MMTrainConfig
+    layout: setup.ParallelLayout
+    model: DistributedDataParallel
+    optimizer: Any
+    data: DataModule
+    tokens_per_tile: int
+    dtype: torch.dtype
+    extra: dict = field(default_factory=dict)
+
+
+def build(cfg: MMTrainConfig) -> Built:
+    """Set up process groups, the model on this rank's stage, DDP, the optimizer and the data."""
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)  # "GPTModel IS DEPRECATED"
+    layout = setup.initialize(cfg.parallel, cfg.trainer.device, cfg.trainer.seed)
+    dtype = dtype_of(cfg.trainer.precision)
+    torch.manual_seed(cfg.trainer.seed)
+    on_cpu = layout.device.type == "cpu"
+    vlm = VLM(cfg.model, ParallelShape(layout.tp, layout.pp), dtype, use_cpu_init=on_cpu, backend=cfg.model.attention_backend)
+    # Our own ViT stem (conv, positions, pre-LN) is built in fp32; run the whole model in the
+    # training dtype (the megatron optimizer keeps fp32 main params for bf16).
+    vlm.to(device=layout.device, dtype=dtype)
+    use_dist_opt = cfg.parallel.use_distributed_optimizer
+    if use_dist_opt is None:
+        use_dist_opt = not on_cpu
+    ddp = DistributedDataParallel(
+        config=vlm.config,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_dist_opt
+        ),
+        module=vlm,
+    )
+    t = cfg.trainer
+    opt = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            clip_grad=t.clip_grad,
+            bf16=dtype == torch.bfloat16,
+            params_dtype=dtype,
+            use_distributed_optimizer=use_dist_opt,
+        ),
+        [ddp],
+    )
+    tcfg = vlm.config
+    tcfg.finalize_model_grads_func = _TimedFinalize()
+    tcfg.no_sync_func = ddp.no_sync
+    tpt = tokens_per_tile(cfg.model)
+    data = DataModule(cfg, dp=layout.dp, dp_rank=layout.dp_rank, pp=layout.pp, first_stage=layout.is_first_stage, tokens_per_tile=tpt)
+    return Built(cfg=cfg, layout=layout, model=ddp, optimizer=opt, data=data, tokens_per_tile=tpt, dtype=dtype)
+
+
+class _TimedFinalize:
+    """megatron's finalize_model_grads, noting when this rank's own compute ended (before the DP
+    gradient all-reduce makes every rank wait for the slowest): the measured per-rank time that the
+    metrics put next to the balancer's prediction."""
+
+    def __init__(self) -> None:
+        self.entered: Optional[float] = None
+
+    def __call__(self, *args, **kwargs):
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        self.entered = time.perf_counter()
+        return finalize_model_grads(*args, **kwargs)

@@ -1,0 +1,31 @@
+"""Trainer schema (`trainer=`): steps and batch sizes, optimizer and schedule, checkpoints, faults, logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 10
+    global_batch_size: int = 16  # samples per optimizer step
+    micro_batch_size: int = 1  # packs (or padded samples when packing is off) per micro-batch
+    seed: int = 42
+    precision: str = "fp32"  # fp32 | bf16
+    output_dir: str = "outputs/run"
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    lr_decay_style: str = "constant"  # constant | cosine | linear
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    device: str = "auto"  # auto | cpu | cuda
+    progress_bar: str = "auto"  # auto (only on a terminal) | on | off
+    log_sample_ids: bool = False
+    save_interval: int = 0  # steps between checkpoints; 0 = only at preemption / end when > 0 steps
+    keep_last: int = 2
+    resume: str = "auto"  # auto | never | <checkpoint path>
+    max_consecutive_nonfinite: int = 3
+    exit_code_preempted: int = 75

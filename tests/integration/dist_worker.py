@@ -1,0 +1,111 @@
+"""Worker for the multi-process equivalence tests (run under torchrun, gloo, CPU).
+
+Modes:
+  equivalence OUT overrides...  one global batch through the *same* model twice, in two layouts given by
+                                MMTRAIN_EQ_VARIANTS (default packed vs unpacked; same samples because
+                                packing.buffer_size == global_batch_size); records the
+                                loss, every parameter gradient (this rank's shard) and, at PP=1, the
+                                logits of every real token, keyed by sample id.
+  train OUT overrides...        a few optimizer steps; records losses and a digest of the updated
+                                parameters (gathered to full tensors across TP) for DP1-vs-DP2 checks.
+Each rank writes OUT.rank<R>.pt; the test process compares.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from mmtrain.config import compose  # noqa: E402
+from mmtrain.steps.datamodule import DataModule  # noqa: E402
+from mmtrain.train.build import build  # noqa: E402
+from mmtrain.train.step import forward_backward, packed_seq_params, run_step  # noqa: E402
+
+
+def _grads(b) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in b.model.module.named_parameters():
+        if p.requires_grad:
+            out[name] = p.main_grad.detach().clone().cpu()
+    return out
+
+
+def _logits_by_sample(b, micro_batches) -> dict[int, torch.Tensor]:
+    """Real-token logits per sample (this TP rank's vocab shard)."""
+    out = {}
+    with torch.no_grad():
+        for mb in micro_batches:
+            logits = b.model(
+                mb.tokens, mb.position_ids, packed_seq_params(mb), images=mb.images, image_token_index=mb.image_token_index
+            )[0]
+            for sid, (start, end) in zip(mb.sample_ids, mb.sample_spans):
+                out[sid] = logits[start:end].clone()
+    return out
+
+
+def equivalence(path: str, overrides: list[str], variants: tuple[str, str]) -> None:
+    """Same global batch, same model, two data layouts (variants a/b, e.g. packing on/off); a variant
+    is one or more space-separated overrides."""
+    results = {}
+    b = build(compose(overrides + variants[0].split()))
+    lay = b.layout
+    for key, variant in zip(("a", "b"), variants):
+        c = compose(overrides + variant.split())
+        dm = DataModule(c, dp=lay.dp, dp_rank=lay.dp_rank, pp=lay.pp, first_stage=lay.is_first_stage, tokens_per_tile=b.tokens_per_tile)
+        plan = dm.next_step()
+        mbs = list(dm.micro_batches(plan))
+        r = forward_backward(b, mbs)
+        rec = {
+            "loss": r["loss_sum"] / r["loss_tokens"],
+            "samples": sorted(plan.sample_ids),
+            "grads": _grads(b),
+            "layout": plan.rank_micro_batches,
+        }
+        if lay.pp == 1:
+            rec["logits"] = {(lay.tp_rank, sid): v for sid, v in _logits_by_sample(b, mbs).items()}
+        results[key] = rec
+    torch.save(results, f"{path}.rank{lay.rank}.pt")
+
+
+def train(path: str, overrides: list[str]) -> None:
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region  # noqa: F401
+
+    cfg = compose(overrides)
+    b = build(cfg)
+    losses = []
+    for _ in range(cfg.trainer.max_steps):
+        plan = b.data.next_step()
+        r = run_step(b, plan)
+        losses.append(r["loss_sum"] / r["loss_tokens"])
+    params = {}
+    for name, p in b.model.module.named_parameters():
+        t = p.detach().float()
+        if getattr(p, "tensor_model_parallel", False) and b.layout.tp > 1:
+            parts = [torch.empty_like(t) for _ in range(b.layout.tp)]
+            from megatron.core import parallel_state
+
+            dist.all_gather(parts, t.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+            t = torch.cat(parts, dim=p.partition_dim)
+        params[name] = t.cpu()
+    torch.save({"losses": losses, "params": params, "dp_rank": b.layout.dp_rank, "pp_rank": b.layout.pp_rank}, f"{path}.rank{b.layout.rank}.pt")
+
+
+if __name__ == "__main__":
+    mode, out, *ovr = sys.argv[1:]
+    try:
+        if mode == "equivalence":  # MMTRAIN_EQ_VARIANTS="a-override;b-override"
+            import os
+
+            a, b_ = os.environ.get("MMTRAIN_EQ_VARIANTS", "packing.enabled=true;packing.enabled=false").split(";")
+            equivalence(out, ovr, (a, b_))
+        else:
+            train(out, ovr)
+    finally:
+        from mmtrain.parallel import setup
+
+        setup.shutdown()
