@@ -108,14 +108,17 @@ def hf_logits(model, sample: dict) -> torch.Tensor:
 
 
 def packed_inputs(samples: list[dict], img_id: int) -> dict:
-    """One thd stream of the samples: tokens, position ids, cu_seqlens, images, image positions."""
+    """One thd stream of the samples: tokens, next-token labels (0 after each sample's last token),
+    position ids, cu_seqlens, images, image positions."""
     tokens = torch.cat([s["input_ids"] for s in samples])
+    labels = torch.cat([torch.cat([s["input_ids"][1:], torch.zeros(1, dtype=torch.long)]) for s in samples])
     pos = torch.cat([torch.arange(len(s["input_ids"])) for s in samples])
     lens = torch.tensor([len(s["input_ids"]) for s in samples])
     cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(torch.int32)
     images = torch.cat([s["pixels"] for s in samples])
     return {
         "tokens": tokens,
+        "labels": labels,
         "position_ids": pos,
         "cu_seqlens": cu,
         "max_seqlen": int(lens.max()),
@@ -123,3 +126,29 @@ def packed_inputs(samples: list[dict], img_id: int) -> dict:
         "image_token_index": (tokens == img_id).nonzero().flatten(),
         "spans": list(zip(cu[:-1].tolist(), cu[1:].tolist())),
     }
+
+
+def hf_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """transformers' next-token cross entropy per position (all but the last), from its logits."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return -logp[:-1].gather(1, input_ids[1:, None])[:, 0]
+
+
+def save_processor(out: Path, cfg) -> None:
+    """A word-level tokenizer over the model's whole vocabulary ("<image>" at the image id) and a
+    CLIP image processor for 28 px tiles, saved as a LlavaProcessor next to the weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    img = int(cfg.image_token_id)
+    vocab = {("<image>" if i == img else f"t{i}"): i for i in range(cfg.text_config.vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", additional_special_tokens=["<image>"])
+    ip = CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
+    proc = LlavaProcessor(
+        image_processor=ip, tokenizer=fast, patch_size=cfg.vision_config.patch_size,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy, image_token="<image>",
+        num_additional_image_tokens=int(cfg.vision_config.model_type == "clip_vision_model"),
+    )
+    proc.save_pretrained(str(out))

@@ -24,7 +24,8 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     progress_bar: str = "auto"  # auto (only on a terminal) | on | off
     log_sample_ids: bool = False
-    save_interval: int = 0  # steps between checkpoints; 0 = only at preemption / end when > 0 steps
+    save_interval: int = 0  # steps between checkpoints; 0 = none on the way (preemption still saves)
+    save_final: bool = True  # a checkpoint after the last step (what `mmtrain export-hf` reads)
     keep_last: int = 2
     resume: str = "auto"  # auto | never | <checkpoint path>
     max_consecutive_nonfinite: int = 3

@@ -165,7 +165,7 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
                     print(msg, file=sys.stderr, flush=True)
                 writer.close()
                 raise Preempted(t.exit_code_preempted, done, signame)
-        if t.save_interval > 0 and t.max_steps > start:
+        if (t.save_final or t.save_interval > 0) and t.max_steps > start:
             save(t.max_steps)
         summary = summarize(cfg, lay, history)
         summary.update(

@@ -263,11 +263,13 @@ def hf_config_dict(cfg: ModelConfig, source: Optional[dict] = None) -> dict:
         num_key_value_heads=d.num_query_groups,
         intermediate_size=d.ffn_hidden_size,
         vocab_size=d.vocab_size,
-        head_dim=head_dim(cfg),
         hidden_act="silu",
         rms_norm_eps=d.norm_epsilon,
         tie_word_embeddings=d.tie_word_embeddings,
     )
+    hd = head_dim(cfg)
+    if "head_dim" in text or text_type != "qwen2" or hd != d.hidden_size // d.num_attention_heads:
+        text["head_dim"] = hd  # Qwen2 configs derive it and usually leave the key out
     text.pop("rope_theta", None)
     text.pop("rope_scaling", None)
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": float(d.rotary_base)}
@@ -303,9 +305,9 @@ def hf_config_dict(cfg: ModelConfig, source: Optional[dict] = None) -> dict:
         hidden_act=src_act if _ACT_IN.get(src_act) == v.activation else _ACT_OUT[v.activation],
     )
     src_proj_act = out.get("projector_hidden_act")
+    out.setdefault("architectures", ["LlavaForConditionalGeneration"])
     out.update(
         model_type=MODEL_TYPE,
-        architectures=["LlavaForConditionalGeneration"],
         text_config=text,
         vision_config=vision,
         vision_feature_layer=v.feature_layer,
