@@ -14,7 +14,7 @@ COMMANDS = {
     "simulate": ("mmtrain.steps.simulate_cli", "simulate_main", "straggler / bubble simulation per strategy"),
     "calibrate": ("mmtrain.balancing.calibrate", "main", "time a few shapes and fit cost-model coefficients"),
     "lengths": ("mmtrain.steps.datamodule", "export_lengths_main", "write the training source's length table (for `pack`)"),
-    "export-hf": ("mmtrain.models.hf.export", "main", "write a transformers folder from a run's checkpoint"),
+    "export-hf": ("mmtrain.train.export_hf", "main", "write a transformers folder from a run's checkpoint"),
 }
 
 

@@ -44,10 +44,6 @@ class VisionEncoder(MegatronModule):
         if not self.apply_post_layernorm:
             self.ln_post.requires_grad_(False)
 
-    @property
-    def tokens_per_tile(self) -> int:
-        return self.seq - int(self.drop_first)
-
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """[n, C, H, W] -> [n, seq, hidden]: what the first block sees (transformers' hidden_states[0])."""
         n = pixels.shape[0]

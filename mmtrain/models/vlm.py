@@ -154,7 +154,6 @@ class VLM(MegatronModule):
         validate(cfg)
         dcfg = decoder_config(cfg, par, dtype, use_cpu_init)
         super().__init__(config=dcfg)
-        self.model_cfg = cfg
         self.pre_process = parallel_state.is_pipeline_first_stage()
         self.post_process = parallel_state.is_pipeline_last_stage()
         self.model_type = None

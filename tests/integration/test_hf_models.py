@@ -151,7 +151,7 @@ def test_loaded_weights_train_alike_at_every_layout(trained, family):
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 @pytest.mark.parametrize("family", ["qwen2_clip", "llama_siglip"])
 def test_import_then_export_is_bit_exact(checkpoints, trained, tmp_path, family, layout):
-    from mmtrain.models.hf.export import export
+    from mmtrain.train.export_hf import export
 
     exp = tmp_path / "export"
     export(trained["dirs"][family] / layout, exp)
@@ -191,7 +191,7 @@ def test_trained_export_loads_in_transformers_with_our_logits(checkpoints, train
     logits on it equal our trained model's."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from mmtrain.models.hf.export import checkpoint_tensors, resolve_checkpoint
+    from mmtrain.train.export_hf import checkpoint_tensors, resolve_checkpoint
 
     c = checkpoints[family]
     run = trained["dirs"][family] / "trained"
@@ -199,7 +199,7 @@ def test_trained_export_loads_in_transformers_with_our_logits(checkpoints, train
     if family == "llama_siglip":
         summary = _export(run, exp)  # the CLI
     else:
-        from mmtrain.models.hf.export import export
+        from mmtrain.train.export_hf import export
 
         summary = export(run, exp)
     assert "tokenizer.json" in summary["copied"] and "processor_config.json" in summary["copied"]

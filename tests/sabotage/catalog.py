@@ -94,8 +94,8 @@ SABOTAGES: list[Sabotage] = [
         name="qkv_groups_not_interleaved",
         claim="q/k/v are fused in megatron's per-group layout",
         file="mmtrain/models/hf/common.py",
-        anchor="            [q.reshape(groups, per, *rest), k.reshape(groups, self.head_dim, *rest), v.reshape(groups, self.head_dim, *rest)],",
-        replacement="            [k.reshape(groups, self.head_dim, *rest), q.reshape(groups, per, *rest), v.reshape(groups, self.head_dim, *rest)],",
+        anchor="            torch.cat(parts, dim=1, out=dst.view(g, per + 2 * d, *rest))",
+        replacement="            torch.cat([parts[1], parts[0], parts[2]], dim=1, out=dst.view(g, per + 2 * d, *rest))",
         tests=("tests/unit/models/test_hf_config.py", "tests/integration/test_hf_models.py::test_logits_losses_and_vit_equal_transformers"),
     ),
     Sabotage(

@@ -6,7 +6,7 @@ same shape), family-independent loading into this rank's TP/PP shards and export
 * `load_pretrained(vlm, model_cfg, tp_rank, tp)`: every parameter of this rank read from the
   checkpoint's safetensors, memory-mapped, only this rank's slice of each tensor; every tensor
   whose shape differs is named in one error.
-* `mmtrain.models.hf.export`: `mmtrain export-hf`.
+* `mmtrain.train.export_hf`: `mmtrain export-hf`.
 """
 
 from __future__ import annotations
@@ -117,10 +117,7 @@ def load_pretrained(vlm, cfg: ModelConfig, tp_rank: int, tp: int) -> dict[str, A
             )
         used = set()
         for rp, r in plan:
-            local = r.read_shard(src, rp.spec, tp_rank, tp, rp.param.shape[0])
-            if tuple(local.shape) != tuple(rp.param.shape):
-                raise PretrainedError(f"{rp.name}: read {list(local.shape)} for a {list(rp.param.shape)} shard")
-            rp.param.copy_(local)
+            r.load_into(rp.param.data, src, rp.spec, tp_rank, tp)
             used.update(r.hf_names())
     return {"tensors": len(used), "unused": sorted(k for k in src.keys() if k not in used)}
 

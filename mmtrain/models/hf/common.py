@@ -4,7 +4,8 @@ checkpoint tensors it is made of, and sharded safetensors writing.
 
 A family adapter (llava.py, later qwen2_vl.py) only says which checkpoint tensors make which of our
 parameters (`Copy`, `QKV`, `GateUp`) and how config.json translates; loading straight into this
-rank's TP shard and exporting full tensors are done here for every family.
+rank's TP shard (each slice read from the mapped file and copied into its place in the parameter,
+no intermediate full or fused tensor) and exporting full tensors are done here for every family.
 """
 
 from __future__ import annotations
@@ -129,18 +130,17 @@ class Copy:
     def hf_shapes(self, full: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         return {self.hf: full}
 
-    def read_shard(self, src: SafetensorsFolder, spec: ShardSpec, tp_rank: int, tp: int, local_rows: int) -> torch.Tensor:
+    def load_into(self, dst: torch.Tensor, src: SafetensorsFolder, spec: ShardSpec, tp_rank: int, tp: int) -> None:
         if spec.dim is None:
-            return src.read(self.hf)
-        if spec.vocab:  # rows [r * local, (r + 1) * local) of the zero-padded vocab
-            start = tp_rank * local_rows
-            real = src.shape(self.hf)[0]
-            part = src.read(self.hf, 0, min(start, real), min(start + local_rows, real))
-            if part.shape[0] < local_rows:
-                part = torch.cat([part, part.new_zeros(local_rows - part.shape[0], *part.shape[1:])])
-            return part
-        n = src.shape(self.hf)[spec.dim] // tp
-        return src.read(self.hf, spec.dim, tp_rank * n, (tp_rank + 1) * n)
+            dst.copy_(src.read(self.hf))
+        elif spec.vocab:  # rows [r * local, (r + 1) * local) of the zero-padded vocab
+            local, real = dst.shape[0], src.shape(self.hf)[0]
+            start, stop = min(tp_rank * local, real), min((tp_rank + 1) * local, real)
+            dst[: stop - start].copy_(src.read(self.hf, 0, start, stop))
+            dst[stop - start :].zero_()
+        else:
+            n = src.shape(self.hf)[spec.dim] // tp
+            dst.copy_(src.read(self.hf, spec.dim, tp_rank * n, (tp_rank + 1) * n))
 
     def to_hf(self, full: torch.Tensor) -> dict[str, torch.Tensor]:
         return {self.hf: full}
@@ -164,24 +164,21 @@ class QKV:
         d, rest = self.head_dim, tuple(full[1:])
         return {self.q: (self.heads * d, *rest), self.k: (self.groups * d, *rest), self.v: (self.groups * d, *rest)}
 
-    def _fuse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
-        rest = q.shape[1:]
-        per = self.heads // self.groups * self.head_dim
-        fused = torch.cat(
-            [q.reshape(groups, per, *rest), k.reshape(groups, self.head_dim, *rest), v.reshape(groups, self.head_dim, *rest)],
-            dim=1,
-        )
-        return fused.reshape(-1, *rest)
-
-    def read_shard(self, src: SafetensorsFolder, spec: ShardSpec, tp_rank: int, tp: int, local_rows: int) -> torch.Tensor:
+    def load_into(self, dst: torch.Tensor, src: SafetensorsFolder, spec: ShardSpec, tp_rank: int, tp: int) -> None:
+        """Each q/k/v slice of this rank's groups goes straight into its rows of the fused shard."""
         g = self.groups // tp
         g0, g1 = tp_rank * g, (tp_rank + 1) * g
-        per = self.heads // self.groups * self.head_dim
-        d = self.head_dim
-        q = src.read(self.q, 0, g0 * per, g1 * per)
-        k = src.read(self.k, 0, g0 * d, g1 * d)
-        v = src.read(self.v, 0, g0 * d, g1 * d)
-        return self._fuse(q, k, v, g)
+        per, d = self.heads // self.groups * self.head_dim, self.head_dim
+        rest = dst.shape[1:]
+        parts = [
+            src.read(self.q, 0, g0 * per, g1 * per).view(g, per, *rest),
+            src.read(self.k, 0, g0 * d, g1 * d).view(g, d, *rest),
+            src.read(self.v, 0, g0 * d, g1 * d).view(g, d, *rest),
+        ]
+        if all(t.dtype == dst.dtype for t in parts) and dst.is_contiguous() and dst.device.type == "cpu":
+            torch.cat(parts, dim=1, out=dst.view(g, per + 2 * d, *rest))
+        else:
+            dst.copy_(torch.cat(parts, dim=1).view(dst.shape))
 
     def to_hf(self, full: torch.Tensor) -> dict[str, torch.Tensor]:
         rest = full.shape[1:]
@@ -209,9 +206,10 @@ class GateUp:
         half = (full[0] // 2, *full[1:])
         return {self.gate: half, self.up: half}
 
-    def read_shard(self, src: SafetensorsFolder, spec: ShardSpec, tp_rank: int, tp: int, local_rows: int) -> torch.Tensor:
+    def load_into(self, dst: torch.Tensor, src: SafetensorsFolder, spec: ShardSpec, tp_rank: int, tp: int) -> None:
         n = src.shape(self.gate)[0] // tp
-        return torch.cat([src.read(self.gate, 0, tp_rank * n, (tp_rank + 1) * n), src.read(self.up, 0, tp_rank * n, (tp_rank + 1) * n)])
+        dst[:n].copy_(src.read(self.gate, 0, tp_rank * n, (tp_rank + 1) * n))
+        dst[n:].copy_(src.read(self.up, 0, tp_rank * n, (tp_rank + 1) * n))
 
     def to_hf(self, full: torch.Tensor) -> dict[str, torch.Tensor]:
         gate, up = full.chunk(2, dim=0)
@@ -219,6 +217,13 @@ class GateUp:
 
 
 Recipe = Union[Copy, QKV, GateUp]
+
+
+def read_shard(recipe: Recipe, src: SafetensorsFolder, spec: ShardSpec, tp_rank: int, tp: int, shape) -> torch.Tensor:
+    """This TP rank's shard (of the given local shape) as a new tensor."""
+    out = torch.empty(shape, dtype=torch_dtype(src.dtype(recipe.hf_names()[0])))
+    recipe.load_into(out, src, spec, tp_rank, tp)
+    return out
 
 
 # ---- writing ----------------------------------------------------------------------------------
@@ -241,6 +246,8 @@ def write_safetensors(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], ma
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
+    for old in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)  # a previous export's shards must not mix with these
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     tmp_files: list[Path] = []

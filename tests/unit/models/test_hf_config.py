@@ -14,7 +14,7 @@ from mmtrain.config import compose
 from mmtrain.models import params
 from mmtrain.models.config import ModelConfig, tokens_per_tile
 from mmtrain.models.hf import llava, resolve
-from mmtrain.models.hf.common import QKV, Copy, GateUp, PretrainedError, SafetensorsFolder
+from mmtrain.models.hf.common import QKV, Copy, GateUp, PretrainedError, SafetensorsFolder, read_shard
 
 
 def _same_architecture(fields: dict, cfg: ModelConfig) -> None:
@@ -139,7 +139,7 @@ def test_qkv_fuses_per_group_and_reads_only_the_rank_slice(tmp_path, tp):
     k, v = -1 - torch.arange(groups * d * h, dtype=torch.float32).reshape(groups * d, h), 1000 + torch.zeros(groups * d, h)
     r = QKV("q", "k", "v", heads, groups, d)
     with _folder(tmp_path, {"q": q, "k": k, "v": v}) as src:
-        shards = [r.read_shard(src, params.ShardSpec(0), rank, tp, 0) for rank in range(tp)]
+        shards = [read_shard(r, src, params.ShardSpec(0), rank, tp, ((heads + 2 * groups) * d // tp, h)) for rank in range(tp)]
     full = torch.cat(shards)
     # group 0: q heads 0 and 1, then k0, v0; group 1: q heads 2 and 3, then k1, v1
     expect = torch.cat([q[0:6], k[0:3], v[0:3], q[6:12], k[3:6], v[3:6]])
@@ -151,9 +151,9 @@ def test_qkv_fuses_per_group_and_reads_only_the_rank_slice(tmp_path, tp):
 def test_gate_up_and_vocab_reads(tmp_path):
     gate, up, emb = torch.randn(8, 3), torch.randn(8, 3), torch.randn(7, 3)
     with _folder(tmp_path, {"g": gate, "u": up, "e": emb}) as src:
-        s1 = GateUp("g", "u").read_shard(src, params.ShardSpec(0, gated=True), 1, 2, 0)
+        s1 = read_shard(GateUp("g", "u"), src, params.ShardSpec(0, gated=True), 1, 2, (8, 3))
         assert torch.equal(s1, torch.cat([gate[4:], up[4:]]))
-        e1 = Copy("e").read_shard(src, params.ShardSpec(0, vocab=True), 1, 2, 4)  # padded vocab 8: rows 4..7
+        e1 = read_shard(Copy("e"), src, params.ShardSpec(0, vocab=True), 1, 2, (4, 3))  # padded vocab 8: rows 4..7
         assert torch.equal(e1[:3], emb[4:]) and (e1[3] == 0).all()
-        row = Copy("e").read_shard(src, params.ShardSpec(1), 1, 3, 0)
+        row = read_shard(Copy("e"), src, params.ShardSpec(1), 1, 3, (7, 1))
         assert torch.equal(row, emb[:, 1:2])
