@@ -42,7 +42,7 @@ def si(x: float, _pos: Any = None) -> str:
 
 
 def style_axis(ax, xlabel: str, ylabel: str, *, integer_x: bool = False, percent_y: bool = False,
-               log_y: bool = False) -> None:
+               log_y: bool = False, categorical_x: bool = False) -> None:
     """Labelled axes with plain tick labels (SI suffixes, integer steps, percentages)."""
     from matplotlib import ticker
 
@@ -56,6 +56,9 @@ def style_axis(ax, xlabel: str, ylabel: str, *, integer_x: bool = False, percent
         ax.yaxis.set_major_formatter(ticker.PercentFormatter(xmax=1.0, decimals=None))
     else:
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(si))
+    if categorical_x:  # bar charts: keep the category names, grid lines across only
+        ax.grid(axis="y", alpha=0.3)
+        return
     if integer_x:
         ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(si))
