@@ -42,6 +42,9 @@ _TB_TAGS = {
     "straggler_predicted": "balance/straggler_predicted",
     "straggler_measured": "balance/straggler_measured",
     "predicted_bubble": "balance/predicted_bubble",
+    "skipped_steps": "train/skipped_steps",
+    "skipped_samples": "data/skipped_samples",
+    "bad_samples": "data/bad_samples",
 }
 _TB_SKIP = {"step", "epoch", "skipped"}
 _TB_MAX_RANKS = 64  # per-rank series beyond this are summarised by max and mean only
