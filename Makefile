@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test venv
+.PHONY: demo test sabotage venv
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py mmtrain/packing/_fastpack.c
@@ -24,3 +24,7 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Break the code on purpose (tests/sabotage/catalog.py) and check that the tests catch each break.
+sabotage: venv
+	$(PY) tests/sabotage/run.py $(SABOTAGE_ARGS)
