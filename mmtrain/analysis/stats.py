@@ -230,7 +230,8 @@ def _scan_file(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str,
                      "model.vision.image_size: for the lengths a training run sees, run "
                      "`mmtrain analyze --out DIR model=... data=... data.source=...`")
     extra = {"seq_length": args.seq_length, "aspect_ratios": None, "notes": notes,
-             "tokens_per_tile": accounting.tile_tokens if accounting.mode == "dynamic" else None}
+             "tokens_per_tile": accounting.tile_tokens if accounting.mode == "dynamic" else None,
+             "tiles": is_table or accounting.mode == "dynamic"}  # native resolution has no tiles
     return result, meta, extra
 
 
@@ -245,6 +246,8 @@ def analyze(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     stats: dict[str, Any] = dict(meta)
     stats |= compute_stats(result, ranges, thresholds)
     stats["notes"] += extra["notes"]
+    if not extra.get("tiles", True):
+        stats.pop("tiles", None)
     if extra.get("packing"):
         stats["packing"] = extra["packing"]
     aspect = extra["aspect_ratios"]
@@ -301,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{s['used']} samples analysed ({s['with_errors']} with errors) -> {args.out}/stats.json")
     t = stats["total_tokens"]
     if t["count"]:
-        line = f"  decoder tokens per sample: mean {t['mean']:.1f}, p99 {t['percentiles']['99']}, max {t['max']}"
+        line = f"  decoder tokens per sample: mean {t['mean']:.1f}, p99 {t['percentiles']['99']:.0f}, max {t['max']}"
         pk = stats.get("packing")
         if pk:
             line += f"; {pk['over_seq_length']} longer than packing.seq_length={pk['seq_length']}"
