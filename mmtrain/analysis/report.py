@@ -61,6 +61,8 @@ def histogram_figure(
     else:
         counts, edges = np.zeros(1), np.array([0.0, 1.0])
     x_lo, x_hi = float(edges[0]), float(edges[-1])
+    if seq_length is not None and seq_length >= x_hi - (x_hi - x_lo) * 0.02:  # keep the marker off the frame
+        x_hi = seq_length + 0.03 * (seq_length - x_lo)
     for ax, scale in zip(axes, ("linear", "log")):
         ax.stairs(counts, edges, fill=True, alpha=0.8, color="tab:blue", label=f"samples per bin (n={n:,})")
         style_axis(ax, QUANTITY_LABELS.get(quantity, quantity), f"samples ({scale} scale)", log_y=scale == "log")
