@@ -9,7 +9,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "analyze": ("mmtrain.analysis.stats", "main", "token statistics and histograms of a data source"),
+    "analyze": ("mmtrain.analysis.stats", "main", "token statistics and histograms: what training sees (overrides) or a file"),
     "pack": ("mmtrain.packing.cli", "main", "write a packing plan (PLAN.jsonl) for a length table"),
     "simulate": ("mmtrain.steps.simulate_cli", "simulate_main", "straggler / bubble simulation per strategy"),
     "calibrate": ("mmtrain.balancing.calibrate", "main", "time a few shapes and fit cost-model coefficients"),
