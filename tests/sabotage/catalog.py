@@ -64,7 +64,7 @@ SABOTAGES: list[Sabotage] = [
         file="mmtrain/analysis/training.py",
         anchor="    image = tiles * tpt\n",
         replacement="    image = tiles * (tpt + 1)\n",
-        tests=("tests/unit/analysis/test_training.py",),
+        tests=("tests/unit/analysis/test_training_view.py",),
     ),
     Sabotage(
         name="run_plot_without_its_series",
