@@ -9,11 +9,13 @@ import importlib
 import sys
 
 COMMANDS = {
-    "analyze": ("mmtrain.analysis.stats", "main", "token statistics and histograms of a data source"),
+    "analyze": ("mmtrain.analysis.stats", "main", "token statistics and histograms: what training sees (overrides) or a file"),
     "pack": ("mmtrain.packing.cli", "main", "write a packing plan (PLAN.jsonl) for a length table"),
     "simulate": ("mmtrain.steps.simulate_cli", "simulate_main", "straggler / bubble simulation per strategy"),
     "calibrate": ("mmtrain.balancing.calibrate", "main", "time a few shapes and fit cost-model coefficients"),
     "lengths": ("mmtrain.steps.datamodule", "export_lengths_main", "write the training source's length table (for `pack`)"),
+    "plot": ("mmtrain.analysis.plot", "main", "PNGs of a run: loss, throughput, per-rank compute time, padding"),
+    "compare": ("mmtrain.compare", "main", "train a recipe with packing off and on: the seed's table + a bar chart"),
     "export-hf": ("mmtrain.train.export_hf", "main", "write a transformers folder from a run's checkpoint"),
 }
 
@@ -34,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"mmtrain: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    from mmtrain import quiet
+
+    quiet.install()  # before the command imports torch / megatron-core
     module, func, _ = COMMANDS[name]
     return int(getattr(importlib.import_module(module), func)(rest) or 0)
 

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-import warnings
+from mmtrain import quiet
 
-# megatron-core warns at import about optional fused kernels (TE/Apex) that the CPU path never uses.
-warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
-warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\..*")
-logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
+quiet.install()  # before megatron-core is imported
 
 import hydra  # noqa: E402
-from omegaconf import DictConfig
+from omegaconf import DictConfig  # noqa: E402
 
 from mmtrain.config import register_configs, to_config  # noqa: E402
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass
@@ -24,6 +25,9 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     progress_bar: str = "auto"  # auto (only on a terminal) | on | off
     log_sample_ids: bool = False
+    log_interval: int = 10  # steps between lines on stdout and in train.log (also the first and last); 0 = none
+    tensorboard: bool = True  # event files in trainer.output_dir (tensorboard --logdir <output_dir>)
+    wandb: Optional[str] = None  # W&B project to log to (needs the wandb package); unset = no W&B
     save_interval: int = 0  # steps between checkpoints; 0 = none on the way (preemption still saves)
     save_final: bool = True  # a checkpoint after the last step (what `mmtrain export-hf` reads)
     keep_last: int = 2

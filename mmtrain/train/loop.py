@@ -16,6 +16,7 @@ from mmtrain.config import MMTrainConfig
 from mmtrain.train import checkpoint as ckpt
 from mmtrain.train import faults
 from mmtrain.train.build import Built, build
+from mmtrain.train.log import RunLog, require_wandb
 from mmtrain.train.lr import lr_at
 from mmtrain.train.metrics import MetricsWriter, _progress, _read_metrics, peak_flops, summarize, useful_flops
 from mmtrain.train.preemption import Preempted, PreemptionHandler
@@ -53,6 +54,7 @@ def train(cfg: MMTrainConfig) -> dict:
 
 def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
     t = cfg.trainer
+    require_wandb(cfg)
     b = build(cfg)
     lay = b.layout
     is_rank0 = lay.rank == 0
@@ -69,6 +71,13 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
     bar = _progress(cfg, is_rank0)
     if bar is not None and start:
         bar.update(start)
+    runlog = RunLog(cfg, out_dir, is_rank0, start)
+    runlog.set_progress_bar(bar)
+    runlog.info(
+        "run: model=%s packing=%s world=%d (TP%d PP%d DP%d) device=%s steps %d..%d%s -> %s",
+        cfg.model.name, "on" if cfg.packing.enabled else "off", lay.world_size, lay.tp, lay.pp, lay.dp,
+        lay.device, start + 1, t.max_steps, f" (resumed after step {start})" if start else "", out_dir,
+    )
     peak = peak_flops(cfg, lay.device)
     skipped_steps = int(counters.get("skipped_steps", 0))
     consecutive = int(counters.get("consecutive_nonfinite", 0))
@@ -143,6 +152,7 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
                 rec["skipped"] = True
             history.append(rec)
             writer.write(rec)
+            runlog.step(rec)
             if bar is not None:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", ms_per_sample=f"{rec['time_per_sample_ms']:.1f}")
                 bar.update(1)
@@ -163,6 +173,7 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
                        f"exiting with code {t.exit_code_preempted} (requeue)")
                 if is_rank0:
                     print(msg, file=sys.stderr, flush=True)
+                runlog.to_file(msg)
                 writer.close()
                 raise Preempted(t.exit_code_preempted, done, signame)
         if (t.save_final or t.save_interval > 0) and t.max_steps > start:
@@ -177,8 +188,14 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
         if is_rank0:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        runlog.info(
+            "done: %d steps, %.2f ms per sample, final loss %s -> %s",
+            summary["steps"], summary["time_per_sample_ms"],
+            "-" if summary["final_loss"] is None else f"{summary['final_loss']:.6f}", out_dir / "summary.json",
+        )
         return summary
     finally:
         if bar is not None:
             bar.close()
         writer.close()
+        runlog.close()
