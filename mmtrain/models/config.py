@@ -94,10 +94,11 @@ class ModelConfig:
 
 
 def patches_per_tile(cfg: ModelConfig) -> int:
+    """(image_size // patch_size)^2: the patch conv drops a remainder, as transformers' CLIP / SigLIP do."""
     v = cfg.vision
     side = v.image_size // v.patch_size
-    if side * v.patch_size != v.image_size:
-        raise ValueError(f"model.vision.image_size={v.image_size} is not a multiple of patch_size={v.patch_size}")
+    if side < 1:
+        raise ValueError(f"model.vision.image_size={v.image_size} is smaller than patch_size={v.patch_size}")
     return side * side
 
 
