@@ -16,6 +16,7 @@ COMMANDS = {
     "lengths": ("mmtrain.steps.datamodule", "export_lengths_main", "write the training source's length table (for `pack`)"),
     "plot": ("mmtrain.analysis.plot", "main", "PNGs of a run: loss, throughput, per-rank compute time, padding"),
     "compare": ("mmtrain.compare", "main", "train a recipe with packing off and on: the seed's table + a bar chart"),
+    "export-hf": ("mmtrain.train.export_hf", "main", "write a transformers folder from a run's checkpoint"),
 }
 
 

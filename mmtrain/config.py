@@ -60,13 +60,20 @@ def register_configs() -> None:
 
 
 def to_config(cfg: Any) -> MMTrainConfig:
-    """Turn a DictConfig (or None) into the typed dataclass, validating on the way."""
+    """Turn a DictConfig (or None) into the typed dataclass, validating on the way. Under
+    `model.architecture=pretrained` (model=hf) the model keys are filled from the checkpoint's
+    config.json here, so every stage (data, cost model, checkpoints) sees the real architecture."""
     from omegaconf import OmegaConf
 
     base = OmegaConf.structured(MMTrainConfig)
     if cfg is not None:
         base = OmegaConf.merge(base, cfg)
-    return OmegaConf.to_object(base)  # type: ignore[return-value]
+    out: MMTrainConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
+    if out.model.architecture == "pretrained":
+        from mmtrain.models.hf import resolve
+
+        out.model = resolve(out.model)
+    return out
 
 
 def compose(overrides: list[str] | None = None) -> MMTrainConfig:

@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from mmtrain.models.config import tokens_per_tile
+
 __all__ = ["CostModel"]
 
 
@@ -93,7 +95,7 @@ class CostModel:
     def from_config(cls, model_cfg) -> "CostModel":
         """From `mmtrain.config.ModelConfig` (duck-typed: any object with the same attributes)."""
         d, v = model_cfg.decoder, model_cfg.vision
-        tokens = (v.image_size // v.patch_size) ** 2 + (1 if getattr(v, "class_token", False) else 0)
+        tokens = tokens_per_tile(model_cfg)  # image tokens a tile puts in the decoder stream
         return cls.from_model_shape(
             num_layers=d.num_layers, hidden_size=d.hidden_size, ffn_hidden_size=d.ffn_hidden_size,
             num_attention_heads=d.num_attention_heads, num_query_groups=d.num_query_groups,

@@ -1,4 +1,5 @@
-"""The VLM: CLIP-style ViT over fixed-size tiles -> MLP projector -> GPT decoder, from megatron-core parts.
+"""The VLM: ViT over fixed-size tiles (mmtrain/models/vision.py) -> MLP projector -> GPT decoder,
+from megatron-core parts; architecturally transformers' LLaVA (CLIP / SigLIP + Llama / Mistral / Qwen2).
 
 Why a composition instead of megatron-core's LLaVAModel: LLaVAModel expands image tokens itself from
 padded [b, s] batches, builds its CLIP ViT with `.cuda()` and a LayerNorm that rejects `config=` on
@@ -7,6 +8,10 @@ produces the packed stream (image tokens expanded, cu_seqlens counting them), so
 to scatter projected tile embeddings into known positions. Everything parallel (TP linears, PP
 stages, rope on thd, vocab-parallel cross entropy) is megatron-core's own: GPTModel and
 TransformerBlock with the local layer spec, with our varlen core attention plugged in.
+
+Weights are not initialised here (megatron's `perform_initialization` is off): mmtrain/models/params.py
+draws every full tensor from a generator keyed by its layout-independent name, or
+mmtrain/models/hf/ loads a checkpoint, so one seed gives one model at every TP/PP.
 """
 
 from __future__ import annotations
@@ -26,26 +31,34 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mmtrain.config import ModelConfig
 from mmtrain.models.attention.core import VarlenCoreAttention
+from mmtrain.models.config import head_dim, padded_vocab_size, sliding_windows, tokens_per_tile, validate
+from mmtrain.models.vision import VisionEncoder
+
+__all__ = ["VLM", "ParallelShape", "tokens_per_tile", "decoder_config", "vision_config", "projector_config"]
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """CLIP's activation, x * sigmoid(1.702 x) (plain torch: no jit fuser on CPU)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "silu": F.silu,
+    "relu": F.relu,
+}
 
 
 @dataclass(frozen=True)
 class ParallelShape:
     tp: int = 1
     pp: int = 1
-
-
-def tokens_per_tile(cfg: ModelConfig) -> int:
-    side = cfg.vision.image_size // cfg.vision.patch_size
-    if side * cfg.vision.patch_size != cfg.vision.image_size:
-        raise ValueError(
-            f"model.vision.image_size={cfg.vision.image_size} is not a multiple of patch_size={cfg.vision.patch_size}"
-        )
-    return side * side
 
 
 def _common(par: ParallelShape, dtype: torch.dtype, use_cpu_init: bool) -> dict:
@@ -57,7 +70,7 @@ def _common(par: ParallelShape, dtype: torch.dtype, use_cpu_init: bool) -> dict:
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
         use_cpu_initialization=use_cpu_init,
-        perform_initialization=True,
+        perform_initialization=False,  # mmtrain.models.params initialises (layout-invariant) or a checkpoint loads
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
@@ -79,13 +92,13 @@ def decoder_config(cfg: ModelConfig, par: ParallelShape, dtype: torch.dtype, use
         num_attention_heads=d.num_attention_heads,
         num_query_groups=d.num_query_groups,
         ffn_hidden_size=d.ffn_hidden_size,
-        kv_channels=d.hidden_size // d.num_attention_heads,
+        kv_channels=head_dim(cfg),
         normalization="RMSNorm",
         layernorm_epsilon=d.norm_epsilon,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=d.qkv_bias,
         init_method_std=d.init_method_std,
         pipeline_model_parallel_size=par.pp,
         **_common(par, dtype, use_cpu_init),
@@ -98,12 +111,13 @@ def vision_config(cfg: ModelConfig, par: ParallelShape, dtype: torch.dtype, use_
         num_layers=v.num_layers,
         hidden_size=v.hidden_size,
         num_attention_heads=v.num_attention_heads,
+        num_query_groups=v.num_attention_heads,
         ffn_hidden_size=v.ffn_hidden_size,
         kv_channels=v.hidden_size // v.num_attention_heads,
         normalization="LayerNorm",
         layernorm_epsilon=v.norm_epsilon,
         gated_linear_unit=False,
-        activation_func=F.gelu,
+        activation_func=ACTIVATIONS[v.activation],
         add_bias_linear=True,
         pipeline_model_parallel_size=1,  # the ViT lives whole on the first pipeline stage
         **_common(par, dtype, use_cpu_init),
@@ -117,73 +131,43 @@ def projector_config(cfg: ModelConfig, par: ParallelShape, dtype: torch.dtype, u
         num_attention_heads=cfg.decoder.num_attention_heads,  # unused by the MLP; must divide by TP
         ffn_hidden_size=cfg.projector.ffn_hidden_size,
         gated_linear_unit=False,
-        activation_func=F.gelu,
-        add_bias_linear=True,
+        activation_func=ACTIVATIONS[cfg.projector.activation],
+        add_bias_linear=cfg.projector.bias,
         pipeline_model_parallel_size=1,
         **_common(par, dtype, use_cpu_init),
     )
 
 
-def _layer_spec(normalization: str, mask: AttnMaskType, backend: str):
+def _layer_spec(normalization: str, mask: AttnMaskType, backend: str, windows: Optional[tuple] = None):
     spec = get_gpt_layer_local_spec(normalization=normalization)
     spec.submodules.self_attention.params = {"attn_mask_type": mask}
-    spec.submodules.self_attention.submodules.core_attention = functools.partial(VarlenCoreAttention, backend=backend)
+    spec.submodules.self_attention.submodules.core_attention = functools.partial(
+        VarlenCoreAttention, backend=backend, sliding_windows=windows
+    )
     return spec
-
-
-class VisionEncoder(MegatronModule):
-    """CLIP-style ViT: patch conv -> (+class token) + learned positions -> pre-LN -> blocks -> post-LN.
-
-    All tiles of a micro-batch run as one thd sequence, one segment per tile (bidirectional within a
-    tile, nothing across tiles): [num_tiles * tokens, hidden].
-    """
-
-    def __init__(self, cfg: ModelConfig, tcfg: TransformerConfig, backend: str) -> None:
-        super().__init__(config=tcfg)
-        v = cfg.vision
-        self.patch_size = v.patch_size
-        self.class_token = v.class_token
-        self.tokens = tokens_per_tile(cfg)
-        seq = self.tokens + (1 if v.class_token else 0)
-        self.conv = torch.nn.Conv2d(v.in_channels, v.hidden_size, kernel_size=v.patch_size, stride=v.patch_size, bias=False)
-        self.cls = torch.nn.Parameter(torch.randn(1, v.hidden_size) * 0.02) if v.class_token else None
-        self.pos = torch.nn.Parameter(torch.randn(seq, v.hidden_size) * 0.02)
-        self.ln_pre = torch.nn.LayerNorm(v.hidden_size, eps=v.norm_epsilon)
-        self.blocks = TransformerBlock(
-            config=tcfg, spec=_layer_spec("LayerNorm", AttnMaskType.no_mask, backend), post_layer_norm=True
-        )
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        n = pixels.shape[0]
-        x = self.conv(pixels.to(self.conv.weight.dtype)).flatten(2).transpose(1, 2)  # [n, tokens, h]
-        if self.cls is not None:
-            x = torch.cat([self.cls.expand(n, 1, -1), x], dim=1)
-        x = self.ln_pre(x + self.pos)
-        seq = x.shape[1]
-        cu = torch.arange(0, (n + 1) * seq, seq, dtype=torch.int32, device=x.device)
-        psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=seq, max_seqlen_kv=seq)
-        y = self.blocks(x.reshape(n * seq, 1, -1), attention_mask=None, packed_seq_params=psp)  # [n*seq, 1, h]
-        y = y.reshape(n, seq, -1)
-        if self.cls is not None:
-            y = y[:, 1:]
-        return y.reshape(n * self.tokens, -1)
 
 
 class VLM(MegatronModule):
     """One pipeline stage of the VLM. The first stage owns the ViT, projector and embeddings."""
 
     def __init__(self, cfg: ModelConfig, par: ParallelShape, dtype: torch.dtype, use_cpu_init: bool, backend: str) -> None:
+        validate(cfg)
         dcfg = decoder_config(cfg, par, dtype, use_cpu_init)
         super().__init__(config=dcfg)
         self.pre_process = parallel_state.is_pipeline_first_stage()
         self.post_process = parallel_state.is_pipeline_last_stage()
         self.model_type = None
-        # finalize_model_grads asks every stage's top module about tied embeddings; ours are untied.
-        self.share_embeddings_and_output_weights = False
+        # finalize_model_grads asks the top module whether the LM head reuses the embedding (then it
+        # all-reduces that weight's gradient between the first and last pipeline stages).
+        self.share_embeddings_and_output_weights = cfg.decoder.tie_word_embeddings
+        self.vocab_size = cfg.decoder.vocab_size
+        self.padded_vocab_size = padded_vocab_size(cfg, par.tp)
         self.vision: Optional[VisionEncoder] = None
         self.projector: Optional[MultimodalProjector] = None
         if self.pre_process:
-            self.vision = VisionEncoder(cfg, vision_config(cfg, par, dtype, use_cpu_init), backend)
+            self.vision = VisionEncoder(
+                cfg, vision_config(cfg, par, dtype, use_cpu_init), _layer_spec("LayerNorm", AttnMaskType.no_mask, backend)
+            )
             self.projector = MultimodalProjector(
                 projector_config(cfg, par, dtype, use_cpu_init),
                 MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
@@ -192,14 +176,14 @@ class VLM(MegatronModule):
             )
         self.language_model = GPTModel(
             config=dcfg,
-            transformer_layer_spec=_layer_spec("RMSNorm", AttnMaskType.causal, backend),
-            vocab_size=cfg.decoder.vocab_size,
+            transformer_layer_spec=_layer_spec("RMSNorm", AttnMaskType.causal, backend, sliding_windows(cfg)),
+            vocab_size=self.padded_vocab_size,
             max_sequence_length=1 << 20,
             pre_process=self.pre_process,
             post_process=self.post_process,
             position_embedding_type="rope",
-            rotary_base=int(cfg.decoder.rotary_base),
-            share_embeddings_and_output_weights=False,
+            rotary_base=float(cfg.decoder.rotary_base),
+            share_embeddings_and_output_weights=cfg.decoder.tie_word_embeddings,
             parallel_output=True,
         )
         if cfg.freeze_lm:
@@ -212,6 +196,28 @@ class VLM(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
 
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """-inf on the vocab rows TP padding added, so they take no probability mass."""
+        if self.padded_vocab_size == self.vocab_size:
+            return logits
+        local = logits.shape[-1]
+        start = parallel_state.get_tensor_model_parallel_rank() * local
+        if start + local <= self.vocab_size:
+            return logits
+        pad = torch.arange(start, start + local, device=logits.device) >= self.vocab_size
+        return logits.masked_fill(pad, float("-inf"))
+
+    def _output(self, *, hidden_states, output_layer, output_weight, labels, compute_language_model_loss, **_):
+        """GPTModel's output hook: LM head, padded vocab rows masked, then the per-token loss."""
+        logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=False)  # [s, b, V/TP]
+        logits = self._mask_padded_vocab(logits)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        return compute_language_model_loss(labels, logits)
+
     def forward(
         self,
         tokens: torch.Tensor,  # [T]
@@ -221,7 +227,8 @@ class VLM(MegatronModule):
         image_token_index: Optional[torch.Tensor] = None,  # [tiles * tokens_per_tile] positions in T
         labels: Optional[torch.Tensor] = None,  # [T]
     ) -> torch.Tensor:
-        """Per-token loss [1, T] when labels are given (last stage), logits [1, T, V/TP] otherwise."""
+        """Per-token loss [1, T] when labels are given (last stage), logits [1, T, V_padded/TP]
+        otherwise (padded vocab rows at -inf); hidden states on earlier stages."""
         decoder_input = None
         if self.pre_process:
             emb = self.language_model.embedding(input_ids=tokens[None], position_ids=position_ids[None])  # [T,1,h]
@@ -236,4 +243,5 @@ class VLM(MegatronModule):
             decoder_input=decoder_input,
             labels=None if labels is None else labels[None],
             packed_seq_params=packed_seq_params,
+            output_processor=self._output,
         )

@@ -1,5 +1,6 @@
-"""Build one training process: process groups, the model on this rank's pipeline stage, megatron
-DDP, the megatron optimizer and the data module."""
+"""Build one training process: process groups, the model on this rank's pipeline stage (initialised
+layout-invariantly or loaded from `model.pretrained`), megatron DDP, the megatron optimizer and the
+data module."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 from mmtrain.config import MMTrainConfig
+from mmtrain.models import params
 from mmtrain.models.vlm import VLM, ParallelShape, tokens_per_tile
 from mmtrain.parallel import setup
 from mmtrain.steps.datamodule import DataModule
@@ -44,10 +46,7 @@ def build(cfg: MMTrainConfig) -> Built:
     dtype = dtype_of(cfg.trainer.precision)
     torch.manual_seed(cfg.trainer.seed)
     on_cpu = layout.device.type == "cpu"
-    vlm = VLM(cfg.model, ParallelShape(layout.tp, layout.pp), dtype, use_cpu_init=on_cpu, backend=cfg.model.attention_backend)
-    # Our own ViT stem (conv, positions, pre-LN) is built in fp32; run the whole model in the
-    # training dtype (the megatron optimizer keeps fp32 main params for bf16).
-    vlm.to(device=layout.device, dtype=dtype)
+    vlm = build_model(cfg, layout, dtype)
     use_dist_opt = cfg.parallel.use_distributed_optimizer
     if use_dist_opt is None:
         use_dist_opt = not on_cpu
@@ -80,6 +79,44 @@ def build(cfg: MMTrainConfig) -> Built:
     tpt = tokens_per_tile(cfg.model)
     data = DataModule(cfg, dp=layout.dp, dp_rank=layout.dp_rank, pp=layout.pp, first_stage=layout.is_first_stage, tokens_per_tile=tpt)
     return Built(cfg=cfg, layout=layout, model=ddp, optimizer=opt, data=data, tokens_per_tile=tpt, dtype=dtype)
+
+
+def build_model(cfg: MMTrainConfig, layout: setup.ParallelLayout, dtype: torch.dtype) -> VLM:
+    """This rank's VLM stage with its weights: `model.pretrained` loaded into the TP/PP shards, or
+    every full tensor drawn from (trainer.seed, its layout-independent name) and then sharded."""
+    on_cpu = layout.device.type == "cpu"
+    vlm = VLM(cfg.model, ParallelShape(layout.tp, layout.pp), dtype, use_cpu_init=on_cpu, backend=cfg.model.attention_backend)
+    # Our own ViT stem (conv, positions, LNs) is built in fp32; run the whole model in the training
+    # dtype (the megatron optimizer keeps fp32 main params for bf16).
+    vlm.to(device=layout.device, dtype=dtype)
+    if cfg.model.pretrained:
+        from mmtrain.models import hf
+
+        report = hf.load_pretrained(vlm, cfg.model, layout.tp_rank, layout.tp)
+        _check_every_tensor_used(cfg, report)
+    else:
+        params.initialize(vlm, cfg.model, cfg.trainer.seed, layout.tp_rank, layout.tp)
+    return vlm
+
+
+def _check_every_tensor_used(cfg: MMTrainConfig, report: dict) -> None:
+    """A checkpoint tensor that no rank loaded means the model config does not describe the checkpoint."""
+    import torch.distributed as dist
+
+    from mmtrain.models import hf
+
+    unused = set(report["unused"])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, report["unused"])
+        unused = set.intersection(*(set(g) for g in gathered))
+    left = hf.unused_tensors(cfg.model, sorted(unused))
+    if left:
+        raise hf.PretrainedError(
+            f"model.pretrained={cfg.model.pretrained}: {len(left)} checkpoint tensors have no place in this model "
+            f"config: {', '.join(left[:12])}{' ...' if len(left) > 12 else ''}. Use model=hf, or match the model keys "
+            "(layer counts, class_token, qkv_bias, tie_word_embeddings) to the checkpoint."
+        )
 
 
 class _TimedFinalize:

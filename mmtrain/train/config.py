@@ -28,7 +28,8 @@ class TrainerConfig:
     log_interval: int = 10  # steps between lines on stdout and in train.log (also the first and last); 0 = none
     tensorboard: bool = True  # event files in trainer.output_dir (tensorboard --logdir <output_dir>)
     wandb: Optional[str] = None  # W&B project to log to (needs the wandb package); unset = no W&B
-    save_interval: int = 0  # steps between checkpoints; 0 = only at preemption / end when > 0 steps
+    save_interval: int = 0  # steps between checkpoints; 0 = none on the way (preemption still saves)
+    save_final: bool = True  # a checkpoint after the last step (what `mmtrain export-hf` reads)
     keep_last: int = 2
     resume: str = "auto"  # auto | never | <checkpoint path>
     max_consecutive_nonfinite: int = 3

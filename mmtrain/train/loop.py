@@ -176,7 +176,7 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
                 runlog.to_file(msg)
                 writer.close()
                 raise Preempted(t.exit_code_preempted, done, signame)
-        if t.save_interval > 0 and t.max_steps > start:
+        if (t.save_final or t.save_interval > 0) and t.max_steps > start:
             save(t.max_steps)
         summary = summarize(cfg, lay, history)
         summary.update(

@@ -3,6 +3,8 @@
 megatron-core's local `DotProductAttention` rejects packed sequences, so this module is plugged into
 the layer spec in its place. It takes GQA K/V as they come ([T, G, D]) and hands them to the chosen
 backend; causal for `AttnMaskType.causal` (the decoder), bidirectional otherwise (ViT tiles).
+`sliding_windows[layer_number - 1]` (megatron's global 1-based layer number) is this layer's
+sliding window, None for full attention.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ class VarlenCoreAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         pg_collection: Any = None,
         backend: str = "auto",
+        sliding_windows: Optional[tuple] = None,
     ) -> None:
         super().__init__(config=config)
         self.causal = attn_mask_type == AttnMaskType.causal
+        self.sliding_window = sliding_windows[layer_number - 1] if sliding_windows else None
         self.softmax_scale = softmax_scale
         self.requested_backend = backend
         self._resolved: dict[tuple, str] = {}
@@ -57,5 +61,5 @@ class VarlenCoreAttention(MegatronModule):
         if cu is None:
             cu = packed_seq_params.cu_seqlens_q
         fn = backends.BACKENDS[self.backend_for(query)]
-        out = fn(query, key, value, cu, int(packed_seq_params.max_seqlen_q), self.causal, self.softmax_scale)
+        out = fn(query, key, value, cu, int(packed_seq_params.max_seqlen_q), self.causal, self.softmax_scale, self.sliding_window)
         return out.reshape(out.shape[0], -1)
