@@ -149,14 +149,12 @@ def packed_inputs(samples: list[dict]) -> dict:
     """One thd stream of the samples: tokens, next-token labels (0 after each sample's last token),
     1-D and mRoPE positions (restarting per sample, mRoPE from mmtrain's own get_rope_index),
     cu_seqlens, every image's patches in one tensor with the grids, image token positions."""
-    from mmtrain.models.mrope import mrope_position_ids
+    from mmtrain.models.mrope import packed_mrope_position_ids
 
     tokens = torch.cat([s["input_ids"] for s in samples])
     labels = torch.cat([torch.cat([s["input_ids"][1:], torch.zeros(1, dtype=torch.long)]) for s in samples])
     pos = torch.cat([torch.arange(len(s["input_ids"])) for s in samples])
-    mpos = np.concatenate([
-        mrope_position_ids(len(s["input_ids"]), image_starts(s["input_ids"]), s["grid"].numpy(), MERGE) for s in samples
-    ], axis=1)
+    mpos = packed_mrope_position_ids([(len(s["input_ids"]), image_starts(s["input_ids"]), s["grid"].numpy()) for s in samples], MERGE)
     lens = torch.tensor([len(s["input_ids"]) for s in samples])
     cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(torch.int32)
     return {

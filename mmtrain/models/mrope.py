@@ -29,7 +29,7 @@ from mmtrain.models.attention.core import VarlenCoreAttention
 
 __all__ = [
     "RotaryPackedSeqParams", "RotaryVarlenCoreAttention", "inv_freq", "mrope_angles", "mrope_position_ids",
-    "rotary_cos_sin", "with_rotary",
+    "packed_mrope_position_ids", "rotary_cos_sin", "with_rotary",
 ]
 
 
@@ -73,6 +73,14 @@ def mrope_position_ids(
         cursor = start + n
     out[:, cursor:] = pos + np.arange(num_tokens - cursor)
     return out
+
+
+def packed_mrope_position_ids(samples: Sequence[tuple[int, Sequence[int], object]], spatial_merge_size: int) -> np.ndarray:
+    """int64 [3, sum of lengths]: the positions of a pack of samples, given per sample as
+    (num_tokens, image_starts, image_grid_thw). Every sample starts again from 0, as it would alone."""
+    if not samples:
+        return np.zeros((3, 0), np.int64)
+    return np.concatenate([mrope_position_ids(n, starts, grids, spatial_merge_size) for n, starts, grids in samples], axis=1)
 
 
 # ---- angles ----------------------------------------------------------------------------------------

@@ -243,11 +243,6 @@ def hf_config_dict(cfg: ModelConfig, source: Optional[dict] = None) -> dict:
     vision = dict(out.get("vision_config") or {})
     windows = sliding_windows(cfg)
     sliding = any(w is not None for w in windows)
-    rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
-    rope.update(rope_theta=float(d.rotary_base), mrope_section=list(d.mrope_section))
-    rope.setdefault("rope_type", "default")
-    if rope.get("rope_type") not in ("default", "mrope"):
-        rope["rope_type"] = "default"
     text.update(
         num_hidden_layers=d.num_layers,
         hidden_size=d.hidden_size,
@@ -259,14 +254,21 @@ def hf_config_dict(cfg: ModelConfig, source: Optional[dict] = None) -> dict:
         rms_norm_eps=d.norm_epsilon,
         use_sliding_window=sliding,
         sliding_window=d.sliding_window if sliding else None,
-        layer_types=["sliding_attention" if w is not None else "full_attention" for w in windows],
     )
-    text.pop("rope_theta", None)
-    if "rope_scaling" in text and "rope_parameters" not in text:
-        text["rope_scaling"] = rope
-    else:
-        text.pop("rope_scaling", None)
+    types = ["sliding_attention" if w is not None else "full_attention" for w in windows]
+    first_sliding = text.get("max_window_layers", d.num_layers)  # how transformers lays out sliding layers
+    derived = ["sliding_attention" if sliding and i >= first_sliding else "full_attention" for i in range(d.num_layers)]
+    if "layer_types" in text or types != derived:
+        text["layer_types"] = types
+    if "rope_parameters" in text or "rope_scaling" not in text:
+        rope = dict(text.get("rope_parameters") or {"rope_type": "default"})
+        rope.update(rope_theta=float(d.rotary_base), mrope_section=list(d.mrope_section))
         text["rope_parameters"] = rope
+        text.pop("rope_theta", None)
+        text.pop("rope_scaling", None)
+    else:  # the hub's layout: rope_scaling {type: mrope, mrope_section} and a separate rope_theta
+        text["rope_scaling"] = {**text["rope_scaling"], "mrope_section": list(d.mrope_section)}
+        text["rope_theta"] = float(d.rotary_base)
     if not legacy:
         text["model_type"] = f"{family}_text"
         if "tie_word_embeddings" in text:
