@@ -80,7 +80,8 @@ def packed_mrope_position_ids(samples: Sequence[tuple[int, Sequence[int], object
     (num_tokens, image_starts, image_grid_thw). Every sample starts again from 0, as it would alone."""
     if not samples:
         return np.zeros((3, 0), np.int64)
-    return np.concatenate([mrope_position_ids(n, starts, grids, spatial_merge_size) for n, starts, grids in samples], axis=1)
+    parts = [mrope_position_ids(n, starts, grids, spatial_merge_size) for n, starts, grids in samples]
+    return np.concatenate(parts, axis=1)
 
 
 # ---- angles ----------------------------------------------------------------------------------------
