@@ -184,7 +184,7 @@ SABOTAGES: list[Sabotage] = [
         file="mmtrain/models/mrope.py",
         anchor="    return np.concatenate(parts, axis=1)",
         replacement="    return np.concatenate([q + sum(int(r.max()) + 1 for r in parts[:i]) for i, q in enumerate(parts)], axis=1)",
-        tests=("tests/unit/models/test_qwen2_vl.py::test_pack_restarts_positions_for_every_sample", "tests/integration/test_qwen2_vl.py::test_vit_logits_and_losses_equal_transformers"),
+        tests=("tests/unit/models/test_qwen2_vl_parts.py::test_pack_restarts_positions_for_every_sample", "tests/integration/test_qwen2_vl.py::test_vit_logits_and_losses_equal_transformers"),
     ),
     Sabotage(
         name="mrope_sections_ignored",
@@ -192,7 +192,7 @@ SABOTAGES: list[Sabotage] = [
         file="mmtrain/models/mrope.py",
         anchor="        torch.arange(len(section), device=position_ids.device) % 3,",
         replacement="        torch.arange(len(section), device=position_ids.device) * 0,",
-        tests=("tests/unit/models/test_qwen2_vl.py::test_rotary_cos_sin_equal_transformers", "tests/integration/test_qwen2_vl.py::test_vit_logits_and_losses_equal_transformers"),
+        tests=("tests/unit/models/test_qwen2_vl_parts.py::test_rotary_cos_sin_equal_transformers", "tests/integration/test_qwen2_vl.py::test_vit_logits_and_losses_equal_transformers"),
     ),
     Sabotage(
         name="mrope_positions_first_stage_only",
@@ -232,7 +232,7 @@ SABOTAGES: list[Sabotage] = [
         file="mmtrain/models/hf/common.py",
         anchor="        parts = [src.read(self.hf, 0, j * width + h0 * d, j * width + (h0 + n) * d).view(n, 1, d, *rest) for j in range(3)]",
         replacement="        parts = [src.read(self.hf, 0, j * width + h0 * d, j * width + (h0 + n) * d).view(n, 1, d, *rest) for j in (1, 0, 2)]",
-        tests=("tests/unit/models/test_qwen2_vl.py::test_fused_qkv_loads_by_head_and_exports_back", "tests/integration/test_qwen2_vl.py::test_vit_logits_and_losses_equal_transformers"),
+        tests=("tests/unit/models/test_qwen2_vl_parts.py::test_fused_qkv_loads_by_head_and_exports_back", "tests/integration/test_qwen2_vl.py::test_vit_logits_and_losses_equal_transformers"),
     ),
     Sabotage(
         name="qwen_vocab_rows_beyond_tokenizer_masked",
