@@ -46,6 +46,7 @@ def checkpoints(tmp_path_factory):
         out[fam] = {
             "dir": d, "inputs": root / f"{fam}.inputs.pt", "samples": samples, "streams": streams,
             "hf_logits": [Q.hf_logits(model, s) for s in samples],
+            "hf_rope_index": [Q.hf_rope_index(model, s) for s in samples],
             "vit_hidden": [h.float() for h in vt.hidden_states], "features": vt.pooler_output.float(),
         }
     return out
@@ -72,6 +73,9 @@ def _check_logits(c, last, fam, where):
     packed = c["streams"][-1]
     for i, (s, ref) in enumerate(zip(c["samples"], c["hf_logits"])):
         a, b = packed["spans"][i]
+        # the positions fed to our model: transformers' get_rope_index of each sample alone, also
+        # inside the pack (RoPE is relative, so logits alone could not tell a uniform shift)
+        assert torch.equal(packed["mrope_position_ids"][:, a:b], c["hf_rope_index"][i]), f"{fam}: sample {i}'s packed positions"
         ref_loss = Q.hf_token_losses(ref, s["input_ids"]).float()
         for what, logits, loss in (
             ("alone", last["logits"][i], last["losses"][i]),

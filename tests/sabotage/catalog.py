@@ -180,7 +180,8 @@ SABOTAGES: list[Sabotage] = [
     ),
     Sabotage(
         name="mrope_positions_continue_across_pack",
-        claim="mRoPE positions restart for every sample of a pack (as get_rope_index gives each sample alone)",
+        claim="mRoPE positions restart for every sample of a pack (as get_rope_index gives each sample alone; "
+        "RoPE being relative, logits show a uniform shift only as rounding, so the positions themselves are checked)",
         file="mmtrain/models/mrope.py",
         anchor="    return np.concatenate(parts, axis=1)",
         replacement="    return np.concatenate([q + sum(int(r.max()) + 1 for r in parts[:i]) for i, q in enumerate(parts)], axis=1)",
