@@ -96,10 +96,8 @@ def mrope_angles(position_ids: torch.Tensor, freqs: torch.Tensor, section: Seque
     """[T, len(freqs)] angles: frequency j of section i is rotated by position axis i % 3."""
     if sum(section) != freqs.numel():
         raise ValueError(f"mrope_section {list(section)} does not cover the {freqs.numel()} rotary frequencies")
-    axes = torch.repeat_interleave(
-        torch.arange(len(section), device=position_ids.device) % 3,
-        torch.as_tensor(list(section), device=position_ids.device),
-    )
+    axes = np.repeat(np.arange(len(section)) % 3, list(section))  # on the host: no device sync
+    axes = torch.from_numpy(axes).to(position_ids.device, non_blocking=True)
     return position_ids[axes].t().float() * freqs  # [T, D/2]
 
 

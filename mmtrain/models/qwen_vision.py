@@ -9,7 +9,8 @@ As transformers computes it: a linear patch embedding (the Conv3d weight, stride
 rotary angles per patch (row positions on the first half of each head's frequencies, columns on
 the second), blocks with pre-norm attention and MLP (LayerNorm + fc1/act/fc2 for Qwen2-VL, RMSNorm
 + SwiGLU for Qwen2.5-VL, biases everywhere), then the merger's norm (`ln_post`) on every patch and
-m^2 neighbouring patches concatenated into one vector for the projector. For windowed attention the
+m^2 neighbouring patches concatenated into one vector for the projector (the norm trains with the
+projector, as the merger is the projector: freeze_vit leaves it trainable). For windowed attention the
 stream is reordered window by window (at merge-unit granularity, so a merge unit never straddles a
 window) before the first block and put back in image order after the last.
 """

@@ -218,6 +218,8 @@ class VLM(MegatronModule):
             self.vision.requires_grad_(False)
         if cfg.freeze_projector and self.projector is not None:
             self.projector.requires_grad_(False)
+        if self.native and self.vision is not None:  # the patch merger's norm belongs with its MLP
+            self.vision.ln_post.requires_grad_(not cfg.freeze_projector)
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
@@ -261,6 +263,12 @@ class VLM(MegatronModule):
         if self.pre_process:
             emb = self.language_model.embedding(input_ids=tokens[None], position_ids=position_ids[None])  # [T,1,h]
             if images is not None and images.shape[0] > 0:
+                if self.native and (images.dim() != 2 or image_grid_thw is None):
+                    raise ValueError(
+                        "model.vision.type=native takes flattened patches [patches, C*T*p*p] and image_grid_thw "
+                        f"[images, 3] (the Qwen2-VL image processor's pixel_values / image_grid_thw), got images {tuple(images.shape)}"
+                        + ("" if image_grid_thw is not None else " and no image_grid_thw")
+                    )
                 feats = self.vision(images, image_grid_thw) if self.native else self.vision(images)
                 vis = self.projector(feats)  # [image tokens, h]
                 emb = emb.index_put((image_token_index, torch.zeros_like(image_token_index)), vis.to(emb.dtype))

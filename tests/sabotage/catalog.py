@@ -191,8 +191,8 @@ SABOTAGES: list[Sabotage] = [
         name="mrope_sections_ignored",
         claim="mRoPE rotates frequency section i by position axis i % 3 (temporal, rows, columns)",
         file="mmtrain/models/mrope.py",
-        anchor="        torch.arange(len(section), device=position_ids.device) % 3,",
-        replacement="        torch.arange(len(section), device=position_ids.device) * 0,",
+        anchor="    axes = np.repeat(np.arange(len(section)) % 3, list(section))  # on the host: no device sync",
+        replacement="    axes = np.repeat(np.arange(len(section)) * 0, list(section))",
         tests=("tests/unit/models/test_qwen2_vl_parts.py::test_rotary_cos_sin_equal_transformers", "tests/integration/test_qwen2_vl.py::test_vit_logits_and_losses_equal_transformers"),
     ),
     Sabotage(
