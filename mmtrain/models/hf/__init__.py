@@ -1,5 +1,6 @@
 """transformers checkpoints in and out: one adapter per model family (`llava`; `qwen2_vl` for
-model_type qwen2_vl and qwen2_5_vl), family-independent loading into this rank's TP/PP shards and export of full tensors.
+model_type qwen2_vl and qwen2_5_vl), family-independent loading into this rank's TP/PP shards and
+export of full tensors.
 
 * `resolve(model_cfg)`: under `model.architecture=pretrained`, the architecture keys come from
   `<model.pretrained>/config.json` (transformers' config classes, local files only).

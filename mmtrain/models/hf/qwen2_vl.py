@@ -211,6 +211,11 @@ def _act_out(ours: str, source: Optional[str]) -> str:
     return source if _ACT_IN.get(source) == ours else _ACT_OUT[ours]
 
 
+def _set(d: dict, key: str, value, default) -> None:
+    if key in d or value != default:
+        d[key] = value
+
+
 def hf_config_dict(cfg: ModelConfig, source: Optional[dict] = None) -> dict:
     """config.json for our architecture: the source checkpoint's config (token ids, dtype, processor
     fields kept) with every architectural key set from `cfg`. Raises when transformers' Qwen2-VL /
@@ -273,16 +278,16 @@ def hf_config_dict(cfg: ModelConfig, source: Optional[dict] = None) -> dict:
         text["model_type"] = f"{family}_text"
         if "tie_word_embeddings" in text:
             text["tie_word_embeddings"] = d.tie_word_embeddings
-    common = dict(
+    vision.update(
         depth=v.num_layers,
         num_heads=v.num_attention_heads,
-        in_channels=v.in_channels,
         patch_size=v.patch_size,
         spatial_merge_size=m,
         temporal_patch_size=v.temporal_patch_size,
-        hidden_act=_act_out(v.activation, vision.get("hidden_act")),
     )
-    vision.update(common)
+    # keys hub configs often leave out: written only when present or not transformers' default
+    _set(vision, "in_channels", v.in_channels, 3)
+    _set(vision, "hidden_act", _act_out(v.activation, vision.get("hidden_act")), "silu" if qwen25 else "quick_gelu")
     if qwen25:
         everything = list(range(v.num_layers))
         vision.update(
@@ -295,9 +300,8 @@ def hf_config_dict(cfg: ModelConfig, source: Optional[dict] = None) -> dict:
         )
     else:
         vision.update(embed_dim=v.hidden_size, hidden_size=d.hidden_size, mlp_ratio=v.ffn_hidden_size // v.hidden_size)
-    vrope = dict(vision.get("rope_parameters") or {"rope_type": "axial"})
-    vrope["rope_theta"] = float(v.rotary_base)
-    vision["rope_parameters"] = vrope
+    if "rope_parameters" in vision or v.rotary_base != 10000.0:
+        vision["rope_parameters"] = {**(vision.get("rope_parameters") or {"rope_type": "axial"}), "rope_theta": float(v.rotary_base)}
     vision["model_type"] = f"{family}_vision" if vision.get("model_type") != family else family
     out.setdefault("architectures", [_ARCHITECTURES[family]])
     out.update(model_type=family, vision_config=vision, tie_word_embeddings=d.tie_word_embeddings)

@@ -158,6 +158,8 @@ def test_hub_layout_config_reads_and_round_trips(tmp_path):
     legacy.update({k: v for k, v in text.items() if k not in ("model_type", "rope_parameters", "layer_types")})
     legacy["rope_scaling"] = {"type": "mrope", "mrope_section": text["rope_parameters"]["mrope_section"]}
     legacy["rope_theta"] = text["rope_parameters"]["rope_theta"]
+    hub_vision = {k: v for k, v in legacy["vision_config"].items() if k not in ("hidden_act", "rope_parameters", "in_channels")}
+    legacy["vision_config"] = {**hub_vision, "in_chans": 3, "spatial_patch_size": 14}
     (tmp_path / "hub").mkdir()
     (tmp_path / "hub" / "config.json").write_text(json.dumps(legacy))
     hub = resolve(ModelConfig(architecture="pretrained", pretrained=str(tmp_path / "hub")))
