@@ -9,14 +9,22 @@ vision encoder's preprocessing. Two families are covered:
   aspect ratio is closest to the image's (ties go to the larger grid when the image's area exceeds
   half of that grid's pixel area), optionally add a thumbnail tile; tokens = tiles x tokens_per_tile.
 
+* smart resize as Qwen2-VL's image processor does it (`SmartResize`): the image is resized to
+  multiples of patch x merge pixels with min_pixels <= area <= max_pixels, cut into patches (a
+  still image is one temporal patch, its frame repeated), and every m x m patches become one
+  decoder token. `vit_patches` is the ViT's sequence length for the image: full-attention ViT
+  layers cost ~ vit_patches^2 per image, the term a cost model adds for the vision encoder.
+
 The decoder sees text + image tokens - image placeholders (each `<image>` is replaced by the
 image's tokens), see `total_tokens`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -137,3 +145,96 @@ def _closest_grid(width: int, height: int, min_tiles: int, max_tiles: int, tile_
 def total_tokens(text_tokens: np.ndarray, image_tokens: np.ndarray, placeholders: np.ndarray) -> np.ndarray:
     """What the decoder sees: each placeholder token is replaced by the image's tokens."""
     return np.asarray(text_tokens) + np.asarray(image_tokens) - np.asarray(placeholders)
+
+
+# ---- smart resize (Qwen2-VL / Qwen2.5-VL image processor) ---------------------------------------
+
+MAX_ASPECT_RATIO = 200  # the processor refuses more elongated images
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
+    """(height, width) the image is resized to: both multiples of `factor` (patch x merge), the
+    aspect ratio kept as well as rounding allows, the area brought into [min_pixels, max_pixels]."""
+    if min(height, width) < 1:
+        raise ValueError(f"image of {width}x{height} pixels has no area")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"image of {width}x{height} pixels: aspect ratio above {MAX_ASPECT_RATIO}, which the processor refuses")
+    h = round(height / factor) * factor  # Python's round: half to even, as the processor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        scale = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / scale / factor) * factor)
+        w = max(factor, math.floor(width / scale / factor) * factor)
+    elif h * w < min_pixels:
+        scale = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * scale / factor) * factor
+        w = math.ceil(width * scale / factor) * factor
+    return h, w
+
+
+@dataclass(frozen=True)
+class SmartResize:
+    """Token accounting of a native-resolution Qwen2-VL-style vision encoder."""
+
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+
+    def __post_init__(self) -> None:
+        if min(self.patch_size, self.merge_size, self.temporal_patch_size) < 1:
+            raise ValueError("patch_size, merge_size and temporal_patch_size must be >= 1")
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}..{self.max_pixels}")
+
+    @classmethod
+    def from_processor_config(cls, d: Mapping[str, Any]) -> "SmartResize":
+        """From a preprocessor_config.json (or the image processor part of processor_config.json):
+        size.shortest_edge / longest_edge are the min / max pixels (older files: min_pixels / max_pixels)."""
+        size = d.get("size") or {}
+        return cls(
+            patch_size=int(d.get("patch_size", 14)),
+            merge_size=int(d.get("merge_size", 2)),
+            temporal_patch_size=int(d.get("temporal_patch_size", 2)),
+            min_pixels=int(d.get("min_pixels") or size.get("shortest_edge") or 56 * 56),
+            max_pixels=int(d.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280),
+        )
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    def grid_thw(self, width: int, height: int) -> tuple[int, int, int]:
+        """(t, h, w) in patches, as the processor's image_grid_thw (t = 1 for a still image)."""
+        h, w = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+        return 1, h // self.patch_size, w // self.patch_size
+
+    def vit_patches(self, width: int, height: int) -> int:
+        """The image's sequence length inside the ViT."""
+        t, h, w = self.grid_thw(width, height)
+        return t * h * w
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """Merged tokens the image occupies in the decoder stream (<|image_pad|> count)."""
+        return self.vit_patches(width, height) // (self.merge_size * self.merge_size)
+
+    def arrays(self, widths: np.ndarray, heights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(image_tokens, vit_patches) for arrays of sizes; 0 where an entry has no area or an
+        aspect ratio the processor refuses."""
+        w = np.asarray(widths, dtype=np.int64)
+        h = np.asarray(heights, dtype=np.int64)
+        f = self.factor
+        ok = (w > 0) & (h > 0)
+        ok &= np.maximum(w, h) <= MAX_ASPECT_RATIO * np.minimum(w, h)
+        hf, wf = np.where(ok, h, 1).astype(np.float64), np.where(ok, w, 1).astype(np.float64)
+        rh, rw = np.round(hf / f) * f, np.round(wf / f) * f  # numpy rounds half to even too
+        big = rh * rw > self.max_pixels
+        small = ~big & (rh * rw < self.min_pixels)
+        down = np.sqrt(hf * wf / self.max_pixels)
+        up = np.sqrt(self.min_pixels / (hf * wf))
+        rh = np.where(big, np.maximum(f, np.floor(hf / down / f) * f), np.where(small, np.ceil(hf * up / f) * f, rh))
+        rw = np.where(big, np.maximum(f, np.floor(wf / down / f) * f), np.where(small, np.ceil(wf * up / f) * f, rw))
+        patches = (rh // self.patch_size * (rw // self.patch_size)).astype(np.int64)
+        patches = np.where(ok, patches, 0)
+        return patches // (self.merge_size * self.merge_size), patches

@@ -1,8 +1,10 @@
 """Model schema (`model=`): decoder, vision encoder, projector, what trains, the attention backend.
 
 The keys follow transformers' LLaVA family (CLIP / SigLIP vision tower, Llama / Mistral / Qwen2
-decoder) so a checkpoint's config.json translates key for key (mmtrain/models/hf/). Torch-free:
-the data path and the cost model read the shape helpers at the bottom.
+decoder) and its Qwen2-VL / Qwen2.5-VL family (native-resolution ViT with 2D rotary, window
+attention and a 2x2 patch merger; mRoPE decoder), so a checkpoint's config.json translates key for
+key (mmtrain/models/hf/). Torch-free: the data path and the cost model read the shape helpers at
+the bottom.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
+VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "silu")
+VISION_TYPES = ("tiles", "native")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 PROJECTOR_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu", "relu")
 SELECT_STRATEGIES = ("default", "full")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -34,6 +38,9 @@ class DecoderConfig:
     sliding_window: Optional[int] = None
     # Per layer full_attention | sliding_attention; None: every layer slides when sliding_window is set.
     layer_types: Optional[list[str]] = None
+    # Multimodal RoPE (Qwen2-VL): the head_dim/2 rotary frequencies split into sections, section i
+    # rotated by position axis i % 3 (temporal, height, width) of 3 x T position ids. None: 1-D RoPE.
+    mrope_section: Optional[list[int]] = None
     # The embedding / LM head rows are padded to a multiple of this x TP size; the padded rows are
     # zero, excluded from the softmax and never exported.
     make_vocab_size_divisible_by: int = 128
@@ -62,6 +69,20 @@ class VisionConfig:
     # default: drop the first token (the CLS) from the features; full: keep every token.
     feature_select_strategy: str = "default"
     norm_epsilon: float = 1e-5
+    # tiles: fixed-size tiles (CLIP / SigLIP above). native: any image size (Qwen2-VL): flattened
+    # patches [patches, C * temporal_patch_size * patch_size^2] and a (t, h, w) grid per image,
+    # 2D rotary positions, no class token or learned positions, and a patch merger (the norm below
+    # on each patch, then spatial_merge_size^2 neighbouring patches concatenated into the projector).
+    type: str = "tiles"
+    normalization: str = "LayerNorm"  # LayerNorm | RMSNorm (Qwen2.5-VL), also the merger's norm
+    gated_mlp: bool = False  # SwiGLU MLP (gate/up/down, biased) instead of fc1 -> act -> fc2
+    temporal_patch_size: int = 2  # native: frames per patch (a still image is repeated)
+    spatial_merge_size: int = 2  # native: m x m patches become one decoder token
+    # native: side of an attention window in pixels (Qwen2.5-VL); None = every layer attends to
+    # the whole image. Layers listed in fullatt_block_indexes attend to the whole image anyway.
+    window_size: Optional[int] = None
+    fullatt_block_indexes: Optional[list[int]] = None
+    rotary_base: float = 10000.0  # native: base of the 2D rotary embedding
 
 
 @dataclass
@@ -110,6 +131,32 @@ def vit_seq_length(cfg: ModelConfig) -> int:
 def tokens_per_tile(cfg: ModelConfig) -> int:
     """Image tokens one tile contributes to the decoder stream (after feature selection)."""
     return vit_seq_length(cfg) - int(cfg.vision.feature_select_strategy == "default")
+
+
+def is_native(cfg: ModelConfig) -> bool:
+    """A native-resolution (Qwen2-VL-shaped) vision tower instead of fixed-size tiles."""
+    return cfg.vision.type == "native"
+
+
+def merged_patch_size(cfg: ModelConfig) -> int:
+    """Input width of the projector: one ViT hidden state per tile token, or m^2 merged patches."""
+    v = cfg.vision
+    return v.hidden_size * v.spatial_merge_size**2 if is_native(cfg) else v.hidden_size
+
+
+def native_patch_dim(cfg: ModelConfig) -> int:
+    """Values in one flattened native patch: C x temporal_patch_size x patch_size^2."""
+    v = cfg.vision
+    return v.in_channels * v.temporal_patch_size * v.patch_size * v.patch_size
+
+
+def vision_windowed_layers(cfg: ModelConfig) -> tuple[bool, ...]:
+    """Per ViT block, whether it attends within windows (native with window_size only)."""
+    v = cfg.vision
+    if not is_native(cfg) or v.window_size is None:
+        return (False,) * v.num_layers
+    full = set(v.fullatt_block_indexes or ())
+    return tuple(i not in full for i in range(v.num_layers))
 
 
 def head_dim(cfg: ModelConfig) -> int:
@@ -166,7 +213,33 @@ def validate(cfg: ModelConfig) -> None:
         raise ValueError(
             f"model.decoder.num_attention_heads={d.num_attention_heads} is not a multiple of num_query_groups={d.num_query_groups}"
         )
-    if tokens_per_tile(cfg) < 1:
-        raise ValueError("model.vision: feature selection leaves no image tokens per tile")
-    vision_layers_used(cfg)
+    if v.type not in VISION_TYPES:
+        raise ValueError(f"model.vision.type={v.type!r}: choose one of {', '.join(VISION_TYPES)}")
+    if v.normalization not in NORMALIZATIONS:
+        raise ValueError(f"model.vision.normalization={v.normalization!r}: choose one of {', '.join(NORMALIZATIONS)}")
+    if d.mrope_section is not None and 2 * sum(d.mrope_section) != head_dim(cfg):
+        raise ValueError(
+            f"model.decoder.mrope_section={list(d.mrope_section)} must sum to head_dim / 2 = {head_dim(cfg) // 2}"
+        )
+    if is_native(cfg):
+        vhd = v.hidden_size // v.num_attention_heads
+        if v.hidden_size % v.num_attention_heads or vhd % 4:
+            raise ValueError(
+                f"model.vision: the 2D rotary needs a head dim divisible by 4 (hidden_size {v.hidden_size} / "
+                f"{v.num_attention_heads} heads)"
+            )
+        if v.spatial_merge_size < 1 or v.temporal_patch_size < 1:
+            raise ValueError("model.vision.spatial_merge_size and temporal_patch_size must be >= 1")
+        if v.window_size is not None and v.window_size // v.spatial_merge_size // v.patch_size < 1:
+            raise ValueError(
+                f"model.vision.window_size={v.window_size} px is smaller than one merged patch "
+                f"({v.spatial_merge_size} x {v.patch_size} px)"
+            )
+        bad = [i for i in (v.fullatt_block_indexes or ()) if not 0 <= i < v.num_layers]
+        if bad:
+            raise ValueError(f"model.vision.fullatt_block_indexes {bad} are outside the {v.num_layers} ViT blocks")
+    else:
+        if tokens_per_tile(cfg) < 1:
+            raise ValueError("model.vision: feature selection leaves no image tokens per tile")
+        vision_layers_used(cfg)
     sliding_windows(cfg)

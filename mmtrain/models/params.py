@@ -40,14 +40,15 @@ class ShardSpec:
     vocab: bool = False  # rows are the vocabulary, zero-padded to the padded vocab before sharding
 
 
-def shard_spec(name: str) -> ShardSpec:
-    """How the parameter `name` (local or global) is split over TP, from megatron's layer types."""
+def shard_spec(name: str, gated_vision: bool = False) -> ShardSpec:
+    """How the parameter `name` (local or global) is split over TP, from megatron's layer types.
+    gated_vision: the ViT's MLP is SwiGLU too (model.vision.gated_mlp, Qwen2.5-VL)."""
     if name.endswith("word_embeddings.weight") or name.endswith("output_layer.weight"):
         return ShardSpec(0, vocab=True)
     if ".linear_qkv." in name:
         return ShardSpec(0)
-    if ".linear_fc1." in name:
-        return ShardSpec(0, gated=name.startswith("language_model."))  # decoder MLP is SwiGLU
+    if ".linear_fc1." in name:  # the decoder MLP is SwiGLU
+        return ShardSpec(0, gated=name.startswith("language_model.") or (gated_vision and name.startswith("vision.")))
     if name.endswith("linear_proj.weight") or name.endswith("linear_fc2.weight"):
         return ShardSpec(1)
     return ShardSpec(None)
@@ -124,8 +125,9 @@ def rank_params(vlm, tp: int) -> Iterator[RankParam]:
     """
     offset = _layer_offset(vlm)
     tied = vlm.share_embeddings_and_output_weights
+    gated_vision = getattr(vlm, "gated_vision_mlp", False)
     for local, p in vlm.named_parameters():
-        spec = shard_spec(local)
+        spec = shard_spec(local, gated_vision)
         is_tp = bool(getattr(p, "tensor_model_parallel", False))
         if is_tp != (spec.dim is not None) or (is_tp and getattr(p, "partition_dim", spec.dim) != spec.dim):
             raise RuntimeError(

@@ -9,6 +9,12 @@ to scatter projected tile embeddings into known positions. Everything parallel (
 stages, rope on thd, vocab-parallel cross entropy) is megatron-core's own: GPTModel and
 TransformerBlock with the local layer spec, with our varlen core attention plugged in.
 
+Native resolution (Qwen2-VL / Qwen2.5-VL, `model.vision.type=native`): the ViT is
+mmtrain/models/qwen_vision.py over all patches of the micro-batch, the projector is the patch
+merger's MLP over m^2 concatenated patches, and with `model.decoder.mrope_section` the decoder
+rotates by per-token mRoPE angles from 3 x T position ids (mmtrain/models/mrope.py) instead of
+megatron's 1-D RoPE.
+
 Weights are not initialised here (megatron's `perform_initialization` is off): mmtrain/models/params.py
 draws every full tensor from a generator keyed by its layout-independent name, or
 mmtrain/models/hf/ loads a checkpoint, so one seed gives one model at every TP/PP.
@@ -35,7 +41,17 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mmtrain.config import ModelConfig
 from mmtrain.models.attention.core import VarlenCoreAttention
-from mmtrain.models.config import head_dim, padded_vocab_size, sliding_windows, tokens_per_tile, validate
+from mmtrain.models.config import (
+    head_dim,
+    is_native,
+    merged_patch_size,
+    padded_vocab_size,
+    sliding_windows,
+    tokens_per_tile,
+    validate,
+)
+from mmtrain.models.mrope import RotaryVarlenCoreAttention, inv_freq, mrope_angles, rotary_cos_sin, with_rotary
+from mmtrain.models.qwen_vision import NativeVisionEncoder
 from mmtrain.models.vision import VisionEncoder
 
 __all__ = ["VLM", "ParallelShape", "tokens_per_tile", "decoder_config", "vision_config", "projector_config"]
@@ -114,9 +130,9 @@ def vision_config(cfg: ModelConfig, par: ParallelShape, dtype: torch.dtype, use_
         num_query_groups=v.num_attention_heads,
         ffn_hidden_size=v.ffn_hidden_size,
         kv_channels=v.hidden_size // v.num_attention_heads,
-        normalization="LayerNorm",
+        normalization=v.normalization,
         layernorm_epsilon=v.norm_epsilon,
-        gated_linear_unit=False,
+        gated_linear_unit=v.gated_mlp,
         activation_func=ACTIVATIONS[v.activation],
         add_bias_linear=True,
         pipeline_model_parallel_size=1,  # the ViT lives whole on the first pipeline stage
@@ -138,11 +154,11 @@ def projector_config(cfg: ModelConfig, par: ParallelShape, dtype: torch.dtype, u
     )
 
 
-def _layer_spec(normalization: str, mask: AttnMaskType, backend: str, windows: Optional[tuple] = None):
+def _layer_spec(normalization: str, mask: AttnMaskType, backend: str, windows: Optional[tuple] = None, core=VarlenCoreAttention):
     spec = get_gpt_layer_local_spec(normalization=normalization)
     spec.submodules.self_attention.params = {"attn_mask_type": mask}
     spec.submodules.self_attention.submodules.core_attention = functools.partial(
-        VarlenCoreAttention, backend=backend, sliding_windows=windows
+        core, backend=backend, sliding_windows=windows
     )
     return spec
 
@@ -162,26 +178,36 @@ class VLM(MegatronModule):
         self.share_embeddings_and_output_weights = cfg.decoder.tie_word_embeddings
         self.vocab_size = cfg.decoder.vocab_size
         self.padded_vocab_size = padded_vocab_size(cfg, par.tp)
-        self.vision: Optional[VisionEncoder] = None
+        self.native = is_native(cfg)
+        self.gated_vision_mlp = cfg.vision.gated_mlp  # mmtrain.models.params: how its fc1 shards
+        self.mrope_section = list(cfg.decoder.mrope_section) if cfg.decoder.mrope_section else None
+        self.rotary_base = float(cfg.decoder.rotary_base)
+        self.head_dim = head_dim(cfg)
+        self.vision: Optional[VisionEncoder | NativeVisionEncoder] = None
         self.projector: Optional[MultimodalProjector] = None
         if self.pre_process:
-            self.vision = VisionEncoder(
-                cfg, vision_config(cfg, par, dtype, use_cpu_init), _layer_spec("LayerNorm", AttnMaskType.no_mask, backend)
-            )
+            vcfg = vision_config(cfg, par, dtype, use_cpu_init)
+            if self.native:
+                spec = _layer_spec(cfg.vision.normalization, AttnMaskType.no_mask, backend, core=RotaryVarlenCoreAttention)
+                self.vision = NativeVisionEncoder(cfg, vcfg, spec)
+            else:
+                self.vision = VisionEncoder(cfg, vcfg, _layer_spec("LayerNorm", AttnMaskType.no_mask, backend))
             self.projector = MultimodalProjector(
                 projector_config(cfg, par, dtype, use_cpu_init),
                 MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
                 projector_type="mlp",
-                input_size=cfg.vision.hidden_size,
+                input_size=merged_patch_size(cfg),
             )
+        core = RotaryVarlenCoreAttention if self.mrope_section else VarlenCoreAttention
         self.language_model = GPTModel(
             config=dcfg,
-            transformer_layer_spec=_layer_spec("RMSNorm", AttnMaskType.causal, backend, sliding_windows(cfg)),
+            transformer_layer_spec=_layer_spec("RMSNorm", AttnMaskType.causal, backend, sliding_windows(cfg), core=core),
             vocab_size=self.padded_vocab_size,
             max_sequence_length=1 << 20,
             pre_process=self.pre_process,
             post_process=self.post_process,
-            position_embedding_type="rope",
+            # mRoPE rotates per token inside the core attention; megatron's 1-D RoPE stays off.
+            position_embedding_type="none" if self.mrope_section else "rope",
             rotary_base=float(cfg.decoder.rotary_base),
             share_embeddings_and_output_weights=cfg.decoder.tie_word_embeddings,
             parallel_output=True,
@@ -192,6 +218,8 @@ class VLM(MegatronModule):
             self.vision.requires_grad_(False)
         if cfg.freeze_projector and self.projector is not None:
             self.projector.requires_grad_(False)
+        if self.native and self.vision is not None:  # the patch merger's norm belongs with its MLP
+            self.vision.ln_post.requires_grad_(not cfg.freeze_projector)
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
@@ -223,9 +251,11 @@ class VLM(MegatronModule):
         tokens: torch.Tensor,  # [T]
         position_ids: torch.Tensor,  # [T]
         packed_seq_params: PackedSeqParams,
-        images: Optional[torch.Tensor] = None,  # [tiles, C, H, W]
-        image_token_index: Optional[torch.Tensor] = None,  # [tiles * tokens_per_tile] positions in T
+        images: Optional[torch.Tensor] = None,  # [tiles, C, H, W]; native: [patches, C*T*p*p]
+        image_token_index: Optional[torch.Tensor] = None,  # [image tokens] their positions in T
         labels: Optional[torch.Tensor] = None,  # [T]
+        image_grid_thw: Optional[torch.Tensor] = None,  # native: int [images, 3], on the host
+        mrope_position_ids: Optional[torch.Tensor] = None,  # mRoPE: int [3, T], every stage
     ) -> torch.Tensor:
         """Per-token loss [1, T] when labels are given (last stage), logits [1, T, V_padded/TP]
         otherwise (padded vocab rows at -inf); hidden states on earlier stages."""
@@ -233,9 +263,21 @@ class VLM(MegatronModule):
         if self.pre_process:
             emb = self.language_model.embedding(input_ids=tokens[None], position_ids=position_ids[None])  # [T,1,h]
             if images is not None and images.shape[0] > 0:
-                vis = self.projector(self.vision(images))  # [tiles*P, h]
+                if self.native and (images.dim() != 2 or image_grid_thw is None):
+                    raise ValueError(
+                        "model.vision.type=native takes flattened patches [patches, C*T*p*p] and image_grid_thw "
+                        f"[images, 3] (the Qwen2-VL image processor's pixel_values / image_grid_thw), got images {tuple(images.shape)}"
+                        + ("" if image_grid_thw is not None else " and no image_grid_thw")
+                    )
+                feats = self.vision(images, image_grid_thw) if self.native else self.vision(images)
+                vis = self.projector(feats)  # [image tokens, h]
                 emb = emb.index_put((image_token_index, torch.zeros_like(image_token_index)), vis.to(emb.dtype))
             decoder_input = emb
+        if self.mrope_section:
+            if mrope_position_ids is None:
+                raise ValueError("model.decoder.mrope_section is set: the micro-batch must carry mrope_position_ids [3, T]")
+            angles = mrope_angles(mrope_position_ids, inv_freq(self.head_dim, self.rotary_base, tokens.device), self.mrope_section)
+            packed_seq_params = with_rotary(packed_seq_params, *rotary_cos_sin(angles, self.config.params_dtype))
         return self.language_model(
             input_ids=tokens[None],
             position_ids=position_ids[None],

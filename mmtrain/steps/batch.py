@@ -19,6 +19,13 @@ Fields (T = total tokens in the micro-batch, padding included):
   image_token_index int64 [N * P]    where the N*P image embeddings go in the stream (tile order)
   sample_ids    list[int]   the samples in this micro-batch, in stream order
   sample_spans  list[(start, end)]  where each sample sits in the stream
+Native-resolution models (model.vision.type=native, Qwen2-VL), optional:
+  images        fp32  [P, C*T*p*p]   the flattened patches of all images, in sample order
+  image_grid_thw int64 [N, 3]  (t, h, w) patches of each image; stays on the host (the ViT plans
+                            its segments and windows from it without a device sync)
+  image_token_index int64 [P / m^2]  where the merged image tokens go, image by image
+  mrope_position_ids int64 [3, T]  mRoPE positions (mmtrain.models.mrope.mrope_position_ids per
+                            sample, restarting for every sample); needed on every pipeline stage
 """
 
 from __future__ import annotations
@@ -63,6 +70,8 @@ class PackedMicroBatch:
     cu_seqlens_padded: Optional[torch.Tensor] = None
     num_real_tokens: int = 0
     sample_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each sample in T
+    image_grid_thw: Optional[torch.Tensor] = None  # native resolution: [N, 3], host
+    mrope_position_ids: Optional[torch.Tensor] = None  # mRoPE: [3, T]
 
     @property
     def num_tokens(self) -> int:
@@ -77,6 +86,8 @@ class PackedMicroBatch:
             setattr(self, name, getattr(self, name).to(device, non_blocking=True))
         if self.cu_seqlens_padded is not None:
             self.cu_seqlens_padded = self.cu_seqlens_padded.to(device, non_blocking=True)
+        if self.mrope_position_ids is not None:
+            self.mrope_position_ids = self.mrope_position_ids.to(device, non_blocking=True)
         return self
 
 
@@ -200,3 +211,11 @@ def validate(mb: PackedMicroBatch) -> None:
         raise BadBatchError(f"{where}: max_seqlen {mb.max_seqlen} != longest segment {int(seg.max())}")
     if mb.image_token_index.numel() and int(mb.image_token_index.max()) >= mb.num_tokens:
         raise BadBatchError(f"{where}: image token index out of range")
+    if mb.mrope_position_ids is not None and tuple(mb.mrope_position_ids.shape) != (3, mb.num_tokens):
+        raise BadBatchError(f"{where}: mrope_position_ids has shape {tuple(mb.mrope_position_ids.shape)}, expected (3, {mb.num_tokens})")
+    if mb.image_grid_thw is not None:
+        g = mb.image_grid_thw
+        if g.dim() != 2 or g.shape[1] != 3:
+            raise BadBatchError(f"{where}: image_grid_thw must be [images, 3], got {tuple(g.shape)}")
+        if int(g.prod(-1).sum()) != mb.images.shape[0]:
+            raise BadBatchError(f"{where}: image_grid_thw counts {int(g.prod(-1).sum())} patches, images holds {mb.images.shape[0]}")

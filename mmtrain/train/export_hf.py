@@ -23,7 +23,7 @@ import torch
 
 from mmtrain.models import params
 from mmtrain.models.config import ModelConfig
-from mmtrain.models.hf import adapter_for
+from mmtrain.models.hf import adapter_for_model
 from mmtrain.models.hf.common import PretrainedError, SafetensorsFolder, copy_side_files, torch_dtype, write_safetensors
 from mmtrain.train import checkpoint as ckpt
 
@@ -48,7 +48,7 @@ class CheckpointTensors:
     def get(self, name: str) -> torch.Tensor:
         pp, key = self._where[name]
         shards = [self._files[(t, pp)][key] for t in range(self.tp)]
-        return params.unshard(shards, params.shard_spec(key), self.model.decoder.vocab_size)
+        return params.unshard(shards, params.shard_spec(key, self.model.vision.gated_mlp), self.model.decoder.vocab_size)
 
 
 def _model_config_from_fingerprint(flat: dict) -> ModelConfig:
@@ -114,7 +114,7 @@ def export(ckpt_path, out, dtype: str = "auto", processor_from: Optional[str] = 
         print(f"[export-hf] warning: model.pretrained={cfg.pretrained} is not there any more; config and names from the run only", file=sys.stderr)
         source_dir = None
     source_cfg = json.loads((source_dir / "config.json").read_text()) if source_dir else None
-    adapter = adapter_for((source_cfg or {}).get("model_type", "llava"))
+    adapter = adapter_for_model(cfg, source_cfg)
     src = SafetensorsFolder(source_dir, adapter.normalize) if source_dir else None
     hf_cfg = adapter.hf_config_dict(cfg, source_cfg)
     fixed = None if dtype == "auto" else torch_dtype(dtype)

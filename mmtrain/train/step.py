@@ -63,6 +63,8 @@ def forward_backward(b: Built, micro_batches: list[PackedMicroBatch], *, forward
             images=mb.images.to(b.dtype) if first else None,
             image_token_index=mb.image_token_index if first else None,
             labels=mb.labels if last else None,
+            image_grid_thw=mb.image_grid_thw if first else None,
+            mrope_position_ids=mb.mrope_position_ids,
         )
         return out, partial(_loss_func, mb.loss_mask)
 

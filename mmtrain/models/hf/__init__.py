@@ -1,5 +1,6 @@
-"""transformers checkpoints in and out: one adapter per model family (`llava`; `qwen2_vl` fits the
-same shape), family-independent loading into this rank's TP/PP shards and export of full tensors.
+"""transformers checkpoints in and out: one adapter per model family (`llava`; `qwen2_vl` for
+model_type qwen2_vl and qwen2_5_vl), family-independent loading into this rank's TP/PP shards and
+export of full tensors.
 
 * `resolve(model_cfg)`: under `model.architecture=pretrained`, the architecture keys come from
   `<model.pretrained>/config.json` (transformers' config classes, local files only).
@@ -19,19 +20,27 @@ from typing import Any
 import torch
 
 from mmtrain.models.config import DecoderConfig, ModelConfig, ProjectorConfig, VisionConfig, validate
-from mmtrain.models.hf import llava
+from mmtrain.models.hf import llava, qwen2_vl
 from mmtrain.models.hf.common import PretrainedError, SafetensorsFolder, load_hf_config
 
-ADAPTERS: dict[str, ModuleType] = {llava.MODEL_TYPE: llava}
+ADAPTERS: dict[str, ModuleType] = {llava.MODEL_TYPE: llava, **{t: qwen2_vl for t in qwen2_vl.MODEL_TYPES}}
 log = logging.getLogger("mmtrain")
 
-__all__ = ["ADAPTERS", "PretrainedError", "adapter_for", "load_pretrained", "resolve"]
+__all__ = ["ADAPTERS", "PretrainedError", "adapter_for", "adapter_for_model", "load_pretrained", "resolve"]
 
 
 def adapter_for(model_type: str) -> ModuleType:
     if model_type not in ADAPTERS:
         raise PretrainedError(f"config.json model_type={model_type!r}: mmtrain supports {', '.join(ADAPTERS)}")
     return ADAPTERS[model_type]
+
+
+def adapter_for_model(cfg: ModelConfig, source: dict | None = None) -> ModuleType:
+    """The family that exports `cfg`: the source checkpoint's, else native-resolution models are
+    Qwen2-VL-shaped and tile models LLaVA."""
+    if source and source.get("model_type"):
+        return adapter_for(source["model_type"])
+    return qwen2_vl if cfg.vision.type == "native" else llava
 
 
 _SECTIONS = {"decoder": DecoderConfig, "vision": VisionConfig, "projector": ProjectorConfig}

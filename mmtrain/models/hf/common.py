@@ -2,8 +2,8 @@
 memory-mapped safetensors reading by slice, the conversions between one of our full tensors and the
 checkpoint tensors it is made of, and sharded safetensors writing.
 
-A family adapter (llava.py, later qwen2_vl.py) only says which checkpoint tensors make which of our
-parameters (`Copy`, `QKV`, `GateUp`) and how config.json translates; loading straight into this
+A family adapter (llava.py, qwen2_vl.py) only says which checkpoint tensors make which of our
+parameters (`Copy`, `QKV`, `FusedQKV`, `GateUp`) and how config.json translates; loading straight into this
 rank's TP shard (each slice read from the mapped file and copied into its place in the parameter,
 no intermediate full or fused tensor) and exporting full tensors are done here for every family.
 """
@@ -193,6 +193,35 @@ class QKV:
 
 
 @dataclass(frozen=True)
+class FusedQKV:
+    """megatron's fused QKV, per head [q_h, k_h, v_h], from one fused [q; k; v] tensor (no GQA:
+    every head is its own group), as Qwen2-VL's ViT stores `attn.qkv`."""
+
+    hf: str
+    heads: int
+    head_dim: int
+
+    def hf_names(self) -> tuple[str, ...]:
+        return (self.hf,)
+
+    def hf_shapes(self, full: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        return {self.hf: full}
+
+    def load_into(self, dst: torch.Tensor, src: SafetensorsFolder, spec: ShardSpec, tp_rank: int, tp: int) -> None:
+        """This rank's heads of q, k and v, each read as one slice of the fused tensor."""
+        n, d = self.heads // tp, self.head_dim
+        h0, width = tp_rank * n, self.heads * self.head_dim
+        rest = dst.shape[1:]
+        parts = [src.read(self.hf, 0, j * width + h0 * d, j * width + (h0 + n) * d).view(n, 1, d, *rest) for j in range(3)]
+        dst.copy_(torch.cat(parts, dim=1).view(dst.shape))
+
+    def to_hf(self, full: torch.Tensor) -> dict[str, torch.Tensor]:
+        rest = full.shape[1:]
+        per_head = full.reshape(self.heads, 3, self.head_dim, *rest)
+        return {self.hf: per_head.transpose(0, 1).reshape(3 * self.heads * self.head_dim, *rest).contiguous()}
+
+
+@dataclass(frozen=True)
 class GateUp:
     """megatron's SwiGLU fc1 [gate; up] from separate gate and up projections."""
 
@@ -216,7 +245,7 @@ class GateUp:
         return {self.gate: gate.contiguous(), self.up: up.contiguous()}
 
 
-Recipe = Union[Copy, QKV, GateUp]
+Recipe = Union[Copy, QKV, FusedQKV, GateUp]
 
 
 def read_shard(recipe: Recipe, src: SafetensorsFolder, spec: ShardSpec, tp_rank: int, tp: int, shape) -> torch.Tensor:
