@@ -370,7 +370,9 @@ def build_encoder(data_cfg, model_cfg) -> ChatEncoder:
         tok, processor = byte_tokenizer(), None
     else:
         processor = load_processor(path)
-        tok = processor.tokenizer if processor is not None and getattr(processor, "tokenizer", None) is not None else load_tokenizer(path)
+        if getattr(processor, "tokenizer", None) is None:  # none, or only an image processor
+            processor = None
+        tok = processor.tokenizer if processor is not None else load_tokenizer(path)
     if data_cfg.chat_template:
         template, where = _read_template(data_cfg.chat_template, tok)
     elif path == "bytes":

@@ -116,7 +116,10 @@ class TileImages:
 
 
 def _llava_tokens(processor, pixel_values: np.ndarray) -> int:
-    """LlavaProcessor's own expansion of one processed image ([C, H, W])."""
+    """LlavaProcessor's own expansion of one processed image ([C, H, W]); None when the processor
+    cannot expand (no patch_size saved with it)."""
+    if getattr(processor, "patch_size", None) is None:
+        return None
     text = processor.replace_image_token({"pixel_values": [pixel_values]}, image_idx=0)
     return text.count(processor.image_token)
 
@@ -149,7 +152,8 @@ class HFImages:
                 f"encoder takes {channels}x{image_size}x{image_size} (model.vision.in_channels / image_size)"
             )
         rule = TOKEN_RULES.get(type(processor).__name__) if processor is not None else None
-        tokens = rule(processor, probe[0]) if rule is not None else tokens_per_tile
+        tokens = rule(processor, probe[0]) if rule is not None else None
+        tokens = tokens_per_tile if tokens is None else tokens
         if tokens != tokens_per_tile:
             raise ValueError(
                 f"{model_dir}: {type(processor).__name__} expands an image to {tokens} tokens, the model makes "
