@@ -184,9 +184,11 @@ def test_oversize_drop_and_truncate_report_and_never_cut_an_answer(world):
 def test_tiles_thumbnail_and_exif_orientation(tmp_path):
     from PIL import Image
 
-    im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 120, 3), dtype=np.uint8))  # 120 wide, 30 high
+    arr = np.zeros((30, 120, 3), np.uint8)  # stored 120 wide, 30 high: top half white, bottom half black
+    arr[:15] = 255
+    im = Image.fromarray(arr)
     exif = Image.Exif()
-    exif[0x0112] = 6  # stored landscape, shown rotated by 90 degrees: upright it is 30 wide, 120 high
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise: upright 30 wide, 120 high, left black, right white
     im.save(tmp_path / "rot.jpg", exif=exif)
     rec = {"id": "r", "image": "rot.jpg", "conversations": C._turns(("human", "<image>"), ("gpt", "a"))}
     (tmp_path / "d.jsonl").write_text(json.dumps(rec) + "\n")
@@ -195,6 +197,8 @@ def test_tiles_thumbnail_and_exif_orientation(tmp_path):
     assert src.images.acct.grid(*src.sizes[0][0]) == (1, 4)  # the upright grid: one column, four rows
     s = src.sample(0, with_pixels=True)
     assert s.tiles == 4 and s.pixels.shape == (4, 3, 28, 28)
+    left, right = s.pixels[:, :, :, :10].mean(), s.pixels[:, :, :, -10:].mean()
+    assert right > left + 2  # the pixels are upright too
     src = LlavaJsonTrainSource(compose(base + ["data.thumbnail=true"]), TPT)
     s = src.sample(0, with_pixels=True)
     assert s.tiles == 5 and s.pixels.shape == (5, 3, 28, 28) and s.image_tokens == 5 * TPT
