@@ -31,7 +31,7 @@ class DataConfig:
     # (min_tiles..max_tiles, + a thumbnail tile when `thumbnail`). None = hf under model.pretrained.
     image_processor: Optional[str] = None
     thumbnail: bool = False
-    # A held-out LLaVA JSON evaluated every trainer.eval_interval steps (images under
-    # validation_image_root, default: its own folder).
+    # A held-out LLaVA JSON whose loss training logs after the last step and every
+    # trainer.eval_interval steps (images under validation_image_root, default: its own folder).
     validation_source: Optional[str] = None
     validation_image_root: Optional[str] = None

@@ -147,7 +147,7 @@ class Evaluator:
         failed = set(getattr(self.source, "decode_failed", {}))
         missing = [i for i in range(len(self.source)) if i not in merged and i not in failed]
         if doubled or missing:
-            ids = self.source.ids
+            ids = getattr(self.source, "ids", None) or [str(i) for i in range(len(self.source))]
             raise RuntimeError(
                 f"evaluation scored {len(doubled)} samples twice {[ids[i] for i in doubled[:5]]} and missed "
                 f"{len(missing)} {[ids[i] for i in missing[:5]]}: every sample must be evaluated exactly once"
@@ -168,12 +168,13 @@ class Evaluator:
 
 
 def validator(b) -> Optional[Evaluator]:
-    """The training run's validation: data.validation_source at trainer.eval_interval, or None."""
+    """The training run's validation on data.validation_source (every trainer.eval_interval steps
+    and after the last), or None without one."""
     cfg = b.cfg
-    if cfg.trainer.eval_interval <= 0:
-        return None
     if not cfg.data.validation_source:
-        raise ValueError("trainer.eval_interval needs data.validation_source=<held-out .json/.jsonl>")
+        if cfg.trainer.eval_interval > 0:
+            raise ValueError("trainer.eval_interval needs data.validation_source=<held-out .json/.jsonl>")
+        return None
     if cfg.data.name != "llava_json":
         raise ValueError("data.validation_source is read as LLaVA JSON: use data=llava_json")
     from mmtrain.data.sources.llava_train import LlavaJsonTrainSource

@@ -73,7 +73,7 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
     is_rank0 = lay.rank == 0
     out_dir = Path(t.output_dir)
     src_fp = b.data.source_fingerprint()
-    val = evaluate.validator(b)  # data.validation_source every trainer.eval_interval steps, or None
+    val = evaluate.validator(b)  # data.validation_source (every trainer.eval_interval steps, and last), or None
     _attach_data_reports(b, val, out_dir)
     start, counters = _resume(b, src_fp)
     metrics_path = out_dir / "metrics.jsonl"
@@ -161,7 +161,7 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
                 rec["skipped_samples"] = skipped_samples  # excluded when the source was opened
                 rec["bad_samples"] = bad_samples  # failed to decode during training (loss zeroed)
             rec.update({k: v for k, v in data_counts.items() if v and k != "skipped_samples"})
-            if val is not None and ((step + 1) % t.eval_interval == 0 or step + 1 == t.max_steps):
+            if val is not None and (step + 1 == t.max_steps or (t.eval_interval > 0 and (step + 1) % t.eval_interval == 0)):
                 val_sum, val_tokens = val.loss(b.model, b.dtype)
                 rec["val_loss"] = val_sum / max(val_tokens, 1)
             if peak:

@@ -320,7 +320,7 @@ SABOTAGES: list[Sabotage] = [
         name="validation_loss_not_logged",
         claim="trainer.eval_interval with data.validation_source logs a validation loss",
         file="mmtrain/train/loop.py",
-        anchor="            if val is not None and ((step + 1) % t.eval_interval == 0 or step + 1 == t.max_steps):",
+        anchor="            if val is not None and (step + 1 == t.max_steps or (t.eval_interval > 0 and (step + 1) % t.eval_interval == 0)):",
         replacement="            if False:",
         tests=("tests/integration/test_hf_text.py::test_train_export_then_transformers_equals_our_eval",),
     ),
