@@ -44,6 +44,16 @@ PARTS_TEMPLATE = (
     "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>' }}{% else %}{{ c['text'] }}"
     "{% endif %}{% endfor %}{% endif %}{{ '\n' }}{% endfor %}"
 )
+# llava-hf's own layout: every message's images first, then its text pieces each followed by a space
+LLAVA_HF_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' ' }}{% endfor %}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' ' }}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 CHATML_TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
     "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}"
@@ -202,9 +212,11 @@ def messages(rec: dict, form: str, root: Path) -> tuple[list[dict], list]:
     return msgs, images
 
 
-def encode_reference(processor, rec: dict, form: str, root: Path) -> dict:
+def encode_reference(processor, rec: dict, form: str, root: Path, chat_template: str | None = None) -> dict:
     msgs, images = messages(rec, form, root)
     kw = {"processor_kwargs": {"images": images}} if (form == "string" and images) else {}
+    if chat_template is not None:
+        kw["chat_template"] = chat_template
     out = processor.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
                                         return_tensors="pt", **kw)
     ids = out["input_ids"][0]

@@ -57,6 +57,24 @@ def test_samples_are_transformers_ids_targets_and_pixels(world, family):
             assert np.array_equal(s.pixels, ref["pixel_values"].numpy()), src.ids[i]
 
 
+def test_llava_hf_template_that_puts_images_first_equals_transformers(world, tmp_path):
+    """A template may place images itself (llava-hf: a message's images, then its text): whatever it
+    renders, the tokens, targets and pixels are the processor's."""
+    from transformers import AutoProcessor
+
+    tpl = tmp_path / "llava_hf.jinja"
+    tpl.write_text(C.LLAVA_HF_TEMPLATE)
+    src = _source(world, "llama_siglip", f"data.chat_template={tpl}")
+    assert src.encoder.form == "parts"
+    proc = AutoProcessor.from_pretrained(str(world["dirs"]["llama_siglip"]))
+    for i, rec in enumerate(C.RECORDS):
+        s = src.sample(i, with_pixels=True)
+        seq, _, is_target = s.stream()
+        ref = C.encode_reference(proc, rec, "parts", world["root"] / "data", chat_template=C.LLAVA_HF_TEMPLATE)
+        assert seq.tolist() == ref["input_ids"].tolist(), src.ids[i]
+        assert is_target.tolist() == (ref["assistant_mask"].numpy() == 1).tolist(), src.ids[i]
+
+
 def test_image_tokens_stay_where_the_placeholder_stood_and_loss_is_on_answers_only(world):
     src = _source(world, "mistral_clip")
     tok = src.encoder.tok
