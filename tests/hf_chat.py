@@ -72,21 +72,22 @@ CORPUS = [
 ]
 
 
-def make_tokenizer(template: str, bos_post_processor: bool, vocab_size: int = 300):
+def make_tokenizer(template: str, bos_post_processor: bool, vocab_size: int = 300, image_token: str = "<image>"):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+    specials = [image_token if t == "<image>" else t for t in SPECIALS]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS * 8, trainer)
     if bos_post_processor:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   extra_special_tokens={"image_token": "<image>"}, chat_template=template)
-    assert fast.convert_tokens_to_ids("<image>") == IMAGE_ID
+                                   extra_special_tokens={"image_token": image_token}, chat_template=template)
+    assert fast.convert_tokens_to_ids(image_token) == IMAGE_ID
     return fast
 
 

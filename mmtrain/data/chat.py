@@ -200,10 +200,10 @@ class ChatEncoder:
 
     def _content_form(self) -> str:
         """'string' or 'parts': the message content form this template renders (probed once)."""
-        probe = [{"role": "user", "content": f"mmq0 {self.image_token} mmq1"}, {"role": "assistant", "content": "mma0"}]
+        probe = [{"role": "user", "content": f"mmq0 {IMAGE_PLACEHOLDER} mmq1"}, {"role": "assistant", "content": "mma0"}]
         tried = []
         for form in ("string", "parts"):
-            msgs = probe if form == "string" else [dict(m, content=to_parts(m["content"])) for m in probe]
+            msgs = self._in_form(probe, form)
             try:
                 text, _ = self.render(msgs)
             except Exception as e:  # noqa: BLE001 - a template may raise on the form it does not take
@@ -217,10 +217,17 @@ class ChatEncoder:
             f"lists of text/image parts; probes gave: {'; '.join(tried)}"
         )
 
-    def messages_for_template(self, msgs: list[dict]) -> list[dict]:
-        if self.form == "string":
-            return msgs
+    def _in_form(self, msgs: list[dict], form: str) -> list[dict]:
+        if form == "string":
+            if self.image_token == IMAGE_PLACEHOLDER:
+                return msgs
+            return [dict(m, content=m["content"].replace(IMAGE_PLACEHOLDER, self.image_token)) for m in msgs]
         return [dict(m, content=to_parts(m["content"])) for m in msgs]
+
+    def messages_for_template(self, msgs: list[dict]) -> list[dict]:
+        """LLaVA messages (`<image>` in the text) in the form the template renders: strings with the
+        tokenizer's image token in place of `<image>`, or lists of text / image parts."""
+        return self._in_form(msgs, self.form)
 
     def _answer_chars(self, msgs: list[dict], text: str) -> list[tuple[int, int]]:
         """Char spans of the assistant turns for templates without generation markers, from prefixes."""

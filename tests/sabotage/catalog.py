@@ -280,8 +280,8 @@ SABOTAGES: list[Sabotage] = [
         name="list_of_parts_templates_fed_strings",
         claim="templates that iterate over content parts get list-of-parts messages",
         file="mmtrain/data/chat.py",
-        anchor="        if self.form == \"string\":\n            return msgs",
-        replacement="        if True:\n            return msgs",
+        anchor="        return self._in_form(msgs, self.form)",
+        replacement="        return self._in_form(msgs, \"string\")",
         tests=("tests/unit/data/test_llava_text.py::test_samples_are_transformers_ids_targets_and_pixels",),
     ),
     Sabotage(

@@ -95,6 +95,7 @@ class LlavaJsonTrainSource:
         self.report = DataReport(path)
         self.skipped: list[tuple[str, str, str]] = []  # (sample id, file or '', reason)
         self.decode_failed: dict[int, str] = {}  # sample index -> reason (policy skip)
+        self._plan_cuts: set[int] = set()  # samples a packing plan truncated (reported once)
         self._open()
 
     # ---- opening --------------------------------------------------------------------------------
@@ -255,8 +256,8 @@ class LlavaJsonTrainSource:
             if cut is None:  # nothing whole fits: keep what fits, with no answer tokens left to learn
                 cut = self._hard_cut(enc, r.image_tokens, keep_tokens)
                 targets = np.zeros_like(targets)
-            if index not in self._reported_cuts:
-                self._reported_cuts.add(index)
+            if index not in self._plan_cuts:
+                self._plan_cuts.add(index)
                 self.report.add(r.sid, "truncated", f"the packing plan keeps {keep_tokens} of {planned} tokens")
         if cut is not None:
             ids, targets = ids[:cut], targets[:cut]
@@ -281,12 +282,6 @@ class LlavaJsonTrainSource:
             image_tokens=int(lengths.sum()), image_at=ph - np.arange(n_img), image_lengths=lengths,
             targets=np.delete(targets, ph), image_token_id=self.image_token_id,
         )
-
-    @property
-    def _reported_cuts(self) -> set:
-        if not hasattr(self, "_cuts_seen"):
-            self._cuts_seen: set = set()
-        return self._cuts_seen
 
     def _hard_cut(self, enc: Encoded, image_tokens: list[int], budget: int) -> int:
         """The longest prefix within `budget` tokens that does not split an image."""

@@ -75,6 +75,20 @@ def test_llava_hf_template_that_puts_images_first_equals_transformers(world, tmp
         assert is_target.tolist() == (ref["assistant_mask"].numpy() == 1).tolist(), src.ids[i]
 
 
+def test_a_tokenizer_with_another_image_token_gets_it_where_image_stood(world, tmp_path):
+    """data.tokenizer= a tokenizer whose image token is `<img>`: the records' `<image>` become it."""
+    from transformers import AutoProcessor
+
+    tok = C.make_tokenizer(C.STRING_TEMPLATE, False, image_token="<img>")
+    tok.save_pretrained(str(tmp_path / "tok"))
+    src = _source(world, "mistral_clip", f"data.tokenizer={tmp_path / 'tok'}")
+    assert src.encoder.image_token == "<img>" and src.encoder.image_id == C.IMAGE_ID
+    proc = AutoProcessor.from_pretrained(str(world["dirs"]["mistral_clip"]))
+    for i, rec in enumerate(C.RECORDS):  # same vocabulary but for the image token's spelling
+        ref = C.encode_reference(proc, rec, "string", world["root"] / "data")
+        assert src.sample(i, with_pixels=False).stream()[0].tolist() == ref["input_ids"].tolist(), src.ids[i]
+
+
 def test_image_tokens_stay_where_the_placeholder_stood_and_loss_is_on_answers_only(world):
     src = _source(world, "mistral_clip")
     tok = src.encoder.tok
