@@ -17,13 +17,15 @@ COMMANDS = {
     "plot": ("mmtrain.analysis.plot", "main", "PNGs of a run: loss, throughput, per-rank compute time, padding"),
     "compare": ("mmtrain.compare", "main", "train a recipe with packing off and on: the seed's table + a bar chart"),
     "export-hf": ("mmtrain.train.export_hf", "main", "write a transformers folder from a run's checkpoint"),
+    "eval": ("mmtrain.train.evaluate", "main", "per-sample teacher-forced loss (SCORES.jsonl), every sample once, any TP/PP/DP"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: mmtrain <command> [args]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
-    lines += ["", "training: python -m mmtrain.train <hydra overrides>"]
+    lines += ["", "training: python -m mmtrain.train <hydra overrides>",
+              "distributed: torchrun --nproc_per_node N -m mmtrain.train ... | torchrun ... -m mmtrain eval ..."]
     return "\n".join(lines)
 
 

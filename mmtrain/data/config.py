@@ -21,3 +21,17 @@ class DataConfig:
     bad_sample_policy: str = "fail"
     source: Optional[str] = None  # path for file-backed sources (llava json, webdataset, length table)
     image_root: Optional[str] = None
+    # LLaVA JSON text: the tokenizer (a folder or tokenizer.json; None = model.pretrained's, else the
+    # byte-level one), its chat template (None = the tokenizer's / processor's; a built-in name
+    # plain|vicuna|chatml, a named template of the tokenizer, or a .jinja file) and the loss targets.
+    tokenizer: Optional[str] = None
+    chat_template: Optional[str] = None
+    loss_on: str = "assistant"  # assistant (the answers the template marks) | all (every text token)
+    # hf: model.pretrained's transformers image processor, one tile per image | tiles: dynamic tiling
+    # (min_tiles..max_tiles, + a thumbnail tile when `thumbnail`). None = hf under model.pretrained.
+    image_processor: Optional[str] = None
+    thumbnail: bool = False
+    # A held-out LLaVA JSON whose loss training logs after the last step and every
+    # trainer.eval_interval steps (images under validation_image_root, default: its own folder).
+    validation_source: Optional[str] = None
+    validation_image_root: Optional[str] = None

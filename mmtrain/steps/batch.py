@@ -4,10 +4,12 @@ A micro-batch is a single thd token stream (megatron's packed format, batch dim 
 a row is a pack of whole samples (packing on) or one sample (packing off), padded to its row length.
 
 Fields (T = total tokens in the micro-batch, padding included):
-  tokens        int64 [T]   decoder input ids; image positions hold IMAGE_TOKEN_ID, padding PAD_ID
+  tokens        int64 [T]   decoder input ids; each image's tokens stand where its placeholder stood
+                            in the text (holding the sample's image token id), padding PAD_ID
   labels        int64 [T]   next-token targets (tokens shifted left inside each sample)
-  loss_mask     fp32  [T]   1 where the label is a real text token; 0 on image tokens, the last
-                            token of each sample, and padding
+  loss_mask     fp32  [T]   loss_mask[t] = 1 iff token t+1 of the same sample is one of the sample's
+                            loss targets (e.g. an assistant token): never an image token, never
+                            past the sample's end, never padding
   position_ids  int64 [T]   restart at 0 for every sample (and every padding segment)
   cu_seqlens    int32 [S+1] segment boundaries: one segment per sample *after* image-token expansion,
                             plus one per padding run, so cu_seqlens[-1] == T and rope/attention
@@ -45,15 +47,46 @@ class BadBatchError(ValueError):
 
 @dataclass
 class Sample:
+    """One sample: its text tokens, where its images' tokens go among them, and its loss targets."""
+
     sample_id: int
-    text: np.ndarray  # int64 [text_tokens]
+    text: np.ndarray  # int64 [text_tokens]: the token ids without the image tokens
     pixels: Optional[np.ndarray]  # float32 [tiles, C, H, W] or None when not needed (non-first PP stage)
     tiles: int
     image_tokens: int  # after expansion; must equal tiles * tokens_per_tile
+    # image k's tokens stand before text[image_at[k]] (non-decreasing; len(text) = after the text).
+    # None: all image tokens lead the sample (one run).
+    image_at: Optional[np.ndarray] = None
+    image_lengths: Optional[np.ndarray] = None  # tokens of each image (sums to image_tokens), with image_at
+    targets: Optional[np.ndarray] = None  # bool [text_tokens]: the loss targets; None = every text token
+    image_token_id: int = IMAGE_TOKEN_ID  # the id image positions hold (their embedding is replaced)
 
     @property
     def length(self) -> int:
         return self.image_tokens + len(self.text)
+
+    def stream(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(token ids, is-image, is-target) of the sample with its image tokens in place."""
+        n = len(self.text)
+        targets = np.ones(n, dtype=bool) if self.targets is None else np.asarray(self.targets, dtype=bool)
+        if len(targets) != n:
+            raise BadBatchError(f"sample {self.sample_id}: {len(targets)} loss targets for {n} text tokens")
+        if self.image_at is None:
+            at, lens = np.zeros(1, np.int64), np.asarray([self.image_tokens], np.int64)
+        else:
+            at, lens = np.asarray(self.image_at, np.int64), np.asarray(self.image_lengths, np.int64)
+            if len(at) != len(lens) or int(lens.sum()) != self.image_tokens or (len(at) and (at.min() < 0 or at.max() > n)):
+                raise BadBatchError(
+                    f"sample {self.sample_id}: image positions {at.tolist()} / lengths {lens.tolist()} do not fit "
+                    f"{n} text tokens and {self.image_tokens} image tokens"
+                )
+            if len(at) > 1 and bool((np.diff(at) < 0).any()):
+                raise BadBatchError(f"sample {self.sample_id}: image positions {at.tolist()} are not in order")
+        where = np.repeat(at, lens)
+        seq = np.insert(np.asarray(self.text, np.int64), where, self.image_token_id)
+        is_image = np.insert(np.zeros(n, dtype=bool), where, True)
+        is_target = np.insert(targets, where, False)
+        return seq, is_image, is_target
 
 
 @dataclass
@@ -138,12 +171,11 @@ def build_micro_batch(
                 )
             if len(s.text) < 1:
                 raise BadBatchError(f"sample {s.sample_id} has no text tokens")
-            seq = np.concatenate([np.full(s.image_tokens, IMAGE_TOKEN_ID, np.int64), s.text.astype(np.int64)])
+            seq, is_image, is_target = s.stream()
             lab = np.append(seq[1:], PAD_ID)
-            m = np.zeros(n, np.float32)
-            m[max(s.image_tokens - 1, 0) : n - 1] = 1.0  # predict every text token after the image
+            m = np.append(is_target[1:], False).astype(np.float32)  # position t predicts token t+1
             tokens.append(seq), labels.append(lab), mask.append(m), pos.append(np.arange(n))
-            img_idx.append(offset + used + np.arange(s.image_tokens))
+            img_idx.append(offset + used + np.flatnonzero(is_image))
             if s.pixels is not None:
                 pixels.append(s.pixels)
             ids.append(s.sample_id)

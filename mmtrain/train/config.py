@@ -31,6 +31,7 @@ class TrainerConfig:
     save_interval: int = 0  # steps between checkpoints; 0 = none on the way (preemption still saves)
     save_final: bool = True  # a checkpoint after the last step (what `mmtrain export-hf` reads)
     keep_last: int = 2
+    eval_interval: int = 0  # steps between validation losses on data.validation_source; 0 = after the last step only
     resume: str = "auto"  # auto | never | <checkpoint path>
     max_consecutive_nonfinite: int = 3
     exit_code_preempted: int = 75

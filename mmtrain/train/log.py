@@ -45,6 +45,9 @@ _TB_TAGS = {
     "skipped_steps": "train/skipped_steps",
     "skipped_samples": "data/skipped_samples",
     "bad_samples": "data/bad_samples",
+    "dropped_samples": "data/dropped_samples",
+    "truncated_samples": "data/truncated_samples",
+    "val_loss": "val/loss",
 }
 _TB_SKIP = {"step", "epoch", "skipped"}
 _TB_MAX_RANKS = 64  # per-rank series beyond this are summarised by max and mean only
@@ -120,6 +123,8 @@ def format_line(recs: list[dict], max_steps: int, eta_s: Optional[float] = None)
     loss = _mean(recs, "loss")
     if loss is not None:
         parts.append(f"loss {loss:.4f}")
+    if _num(last, "val_loss") is not None:
+        parts.append(f"val loss {last['val_loss']:.4f}")
     if _num(last, "lr") is not None:
         parts.append(f"lr {last['lr']:.3e}")
     if _num(last, "grad_norm") is not None:

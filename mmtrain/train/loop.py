@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from mmtrain.config import MMTrainConfig
 from mmtrain.train import checkpoint as ckpt
+from mmtrain.train import evaluate
 from mmtrain.train import faults
 from mmtrain.train.build import Built, build
 from mmtrain.train.log import RunLog, require_wandb
@@ -41,6 +42,18 @@ def _resume(b: Built, src_fp: str) -> tuple[int, dict]:
     return int(meta["step"]), meta.get("counters", {})
 
 
+def _attach_data_reports(b: Built, val, out_dir: Path) -> None:
+    """<output_dir>/data_report.jsonl: what the sources left out or changed when opened (rank 0),
+    then images that fail to decode as they are met (the ranks that decode them)."""
+    lay = b.layout
+    sources = [b.data.source] + ([val.source] if val is not None else [])
+    for k, src in enumerate(sources):
+        report = getattr(src, "report", None)
+        if report is not None:
+            report.attach(out_dir / "data_report.jsonl", write_now=lay.rank == 0, append=k > 0,
+                          append_later=lay.tp_rank == 0 and lay.is_first_stage)
+
+
 def train(cfg: MMTrainConfig) -> dict:
     """Train (resuming per trainer.resume); raises Preempted (a SystemExit with
     trainer.exit_code_preempted) after SIGTERM/SIGUSR1 and faults.NonFiniteError after too many
@@ -60,6 +73,8 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
     is_rank0 = lay.rank == 0
     out_dir = Path(t.output_dir)
     src_fp = b.data.source_fingerprint()
+    val = evaluate.validator(b)  # data.validation_source (every trainer.eval_interval steps, and last), or None
+    _attach_data_reports(b, val, out_dir)
     start, counters = _resume(b, src_fp)
     metrics_path = out_dir / "metrics.jsonl"
     history: list[dict] = _read_metrics(metrics_path, start) if (is_rank0 and start) else []
@@ -83,6 +98,7 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
     consecutive = int(counters.get("consecutive_nonfinite", 0))
     bad_samples = int(counters.get("bad_samples", 0))
     skipped_samples = int(getattr(b.data.source, "skipped_samples", 0))
+    data_counts = getattr(b.data.source, "data_counts", dict)()  # dropped / truncated when opened
     last_saved = start if start else -1
 
     def save(done: int) -> None:
@@ -144,10 +160,15 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
             if skipped_samples or bad_samples:
                 rec["skipped_samples"] = skipped_samples  # excluded when the source was opened
                 rec["bad_samples"] = bad_samples  # failed to decode during training (loss zeroed)
+            rec.update({k: v for k, v in data_counts.items() if v and k != "skipped_samples"})
+            if val is not None and (step + 1 == t.max_steps or (t.eval_interval > 0 and (step + 1) % t.eval_interval == 0)):
+                val_sum, val_tokens = val.loss(b.model, b.dtype)
+                rec["val_loss"] = val_sum / max(val_tokens, 1)
             if peak:
                 rec["mfu"] = useful / step_s / lay.world_size / peak
             if t.log_sample_ids:
-                rec["sample_ids"] = plan.sample_ids
+                ids = getattr(b.data.source, "ids", None)  # record ids where the source has them
+                rec["sample_ids"] = [ids[i] for i in plan.sample_ids] if ids is not None else plan.sample_ids
             if not r["update_ok"]:
                 rec["skipped"] = True
             history.append(rec)
@@ -184,7 +205,11 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
             skipped_samples=skipped_samples,
             bad_samples=bad_samples,
             resumed_from_step=start,
+            **{k: v for k, v in data_counts.items() if k != "skipped_samples"},
         )
+        vals = [h["val_loss"] for h in history if "val_loss" in h]
+        if vals:
+            summary["final_val_loss"] = vals[-1]
         if is_rank0:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -22,7 +22,11 @@ MULTIPLE_IMAGES = "multiple_images"
 
 
 def read_records(path: str, errors_out: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, Any]]:
-    """(fallback id, record) pairs of a JSON array or a JSONL file; bad lines go to `errors_out`."""
+    """(fallback id, record) pairs of a JSON array or a JSONL file; bad lines go to `errors_out`.
+
+    The fallback id (for records without an `id`) is where the record is: `file:line` in JSONL,
+    `file[index]` in a JSON array."""
+    name = os.path.basename(path)
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
     if head.startswith(b"["):
@@ -31,20 +35,20 @@ def read_records(path: str, errors_out: list[tuple[str, str]] | None = None) -> 
                 records = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             if errors_out is not None:
-                errors_out.append((MALFORMED_JSON, f"{os.path.basename(path)}: {e}"))
+                errors_out.append((MALFORMED_JSON, f"{name}: {e}"))
             return
         for i, rec in enumerate(records):
-            yield f"#{i}", rec
+            yield f"{name}[{i}]", rec
         return
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                yield f"line:{lineno}", json.loads(line)
+                yield f"{name}:{lineno}", json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 if errors_out is not None:
-                    errors_out.append((MALFORMED_JSON, f"line:{lineno}"))
+                    errors_out.append((MALFORMED_JSON, f"{name}:{lineno}"))
 
 
 def check_record(rec: Any, tokenizer, max_images: int) -> tuple[str | None, list[str], int, int]:

@@ -1,36 +1,44 @@
-"""Training view of a LLaVA JSON/JSONL dataset (`data=llava_json data.source=... data.image_root=...`).
+"""Training / evaluation view of a LLaVA JSON/JSONL dataset (`data=llava_json data.source=...`).
 
-Shapes for the planner come from the image headers (no decoding) when the source is opened:
-tiles per image by dynamic tiling (tile size = model.vision.image_size, data.min_tiles..max_tiles,
-as `mmtrain.data.accounting` defines it) and text tokens from the byte-level tokenizer over
-the conversation values (each `<image>` placeholder is replaced by the image tokens, which lead
-the sample). Pixels are decoded with Pillow only when a step needs them.
+Opening the source checks every record, encodes its conversation with the model's tokenizer and
+chat template (mmtrain/data/chat.py) and reads the image headers (no decoding), so the planner gets
+exact lengths: text tokens + each image's tokens (mmtrain/data/images.py), images where their
+`<image>` stood. Pixels are decoded only when a step needs them. Samples are named by record id
+(the `id` field, else file:line) everywhere: errors, data_report.jsonl, metrics, eval scores.
 
-Bad samples follow `data.bad_sample_policy`:
-* found when the source is opened (malformed record, missing / zero-size / corrupt / truncated
-  image header): `fail` raises naming the sample and file; `skip` leaves them out of the plan and
-  counts them (`skipped_samples` in metrics and the summary).
+Bad records follow `data.bad_sample_policy`:
+* found when opening (malformed record or JSON, placeholders that do not match the images, no
+  answer to learn from, missing / corrupt image header): `fail` raises once, listing every bad
+  record of the file (up to MAX_LISTED) with what is wrong; `skip` leaves them out, each listed in
+  data_report.jsonl and counted (`skipped_samples`).
 * an image that passes the header check but fails to decode during training: `fail` raises naming
-  the sample and file; `skip` feeds a black image and the sample's loss is masked to zero (the step
-  keeps its shape, so all ranks stay in lockstep), counted as `bad_samples`.
+  the sample and file; `skip` feeds black tiles and masks the sample's loss (the step keeps its
+  shape, so all ranks stay in lockstep), counted as `bad_samples` and reported as `bad_image`.
+
+Samples longer than packing.seq_length follow `packing.oversize_policy` here, where the turns are
+known: `error` names every such record and the seq_length that fits them; `drop` leaves them out
+(reported); `truncate` keeps the sample up to the end of its last whole answer that fits (reported
+with how much was kept), and drops it (reported) when not even its first answer fits: an answer is
+never cut silently.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
+from mmtrain.data.chat import Encoded, RecordError, build_encoder, check_placeholders, record_images, record_messages
 from mmtrain.data.image_headers import scan_sizes
-from mmtrain.data.sources.llava_json import check_record, read_records
-from mmtrain.data.synthetic import FIRST_TEXT_ID
-from mmtrain.data.accounting import TokenAccounting
-from mmtrain.data.text import IMAGE_PLACEHOLDER, ByteTokenizer
+from mmtrain.data.images import build_images, upright_sizes
+from mmtrain.data.report import DataReport
+from mmtrain.data.sources.llava_json import read_records
+from mmtrain.data.synthetic import IMAGE_TOKEN_ID
 from mmtrain.steps.batch import Sample
 
-MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)  # CLIP normalisation
-STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+MAX_LISTED = 20  # bad records named in one `fail` error
 
 
 class BadSampleError(ValueError):
@@ -41,134 +49,255 @@ def _fix_hint() -> str:
     return "fix or remove it, or set data.bad_sample_policy=skip to leave such samples out"
 
 
+def record_id(rec, fallback: str) -> str:
+    if isinstance(rec, dict) and rec.get("id") is not None and not isinstance(rec.get("id"), (dict, list)):
+        return str(rec["id"])
+    return fallback
+
+
+@dataclass
+class _Kept:
+    """What opening decided about one usable sample."""
+
+    sid: str
+    messages: list[dict]
+    files: list[str]
+    sizes: list[tuple[int, int]]
+    image_tiles: list[int]
+    image_tokens: list[int]
+    cut: Optional[int] = None  # keep the encoded ids [:cut] (oversize_policy=truncate)
+
+
 class LlavaJsonTrainSource:
-    def __init__(self, cfg, tokens_per_tile: int) -> None:
+    """Shapes for the planner (`ids`, `tiles`, `text_tokens`) and `sample(index, ...)` on demand."""
+
+    def __init__(self, cfg, tokens_per_tile: int, *, source: Optional[str] = None, image_root: Optional[str] = None) -> None:
         d = cfg.data
-        if not d.source:
+        path = source or d.source
+        if not path:
             raise ValueError("data=llava_json needs data.source=<path to a LLaVA .json/.jsonl>")
         if d.bad_sample_policy not in ("fail", "skip"):
             raise ValueError(f"data.bad_sample_policy must be fail|skip, got {d.bad_sample_policy!r}")
-        self.path = d.source
-        self.image_root = d.image_root or os.path.dirname(os.path.abspath(d.source))
+        self.path = path
+        root = image_root if source else (image_root or d.image_root)
+        self.image_root = root or os.path.dirname(os.path.abspath(path))
         self.policy = d.bad_sample_policy
         self.tokens_per_tile = tokens_per_tile
         self.vocab = cfg.model.decoder.vocab_size
-        self.image_size = cfg.model.vision.image_size
-        self.channels = cfg.model.vision.in_channels
-        if self.channels not in (1, 3):
-            raise ValueError(f"llava_json images decode to 1 or 3 channels, model.vision.in_channels={self.channels}")
-        self.acct = TokenAccounting(
-            mode="dynamic", tile_size=self.image_size, min_tiles=d.min_tiles, max_tiles=d.max_tiles, tokens_per_tile=tokens_per_tile
-        )
+        self.seq_length = cfg.packing.seq_length
+        self.oversize_policy = cfg.packing.oversize_policy
+        self.loss_on = d.loss_on
+        self.encoder = build_encoder(d, cfg.model)
+        self.images = build_images(d, cfg.model, tokens_per_tile)
+        self.image_shape = self.images.image_shape
+        iid = self.encoder.image_id
+        self.image_token_id = iid if iid < self.vocab else IMAGE_TOKEN_ID
+        self.report = DataReport(path)
         self.skipped: list[tuple[str, str, str]] = []  # (sample id, file or '', reason)
         self.decode_failed: dict[int, str] = {}  # sample index -> reason (policy skip)
+        self._plan_cuts: set[int] = set()  # samples a packing plan truncated (reported once)
         self._open()
 
-    # ---- opening: header scan -------------------------------------------------------------------
-    def _bad(self, sid: str, file: str, reason: str) -> None:
-        if self.policy == "fail":
-            where = f" (file {file})" if file else ""
-            raise BadSampleError(f"{self.path}: sample {sid!r}{where}: {reason}; {_fix_hint()}")
-        self.skipped.append((sid, file, reason))
-
+    # ---- opening --------------------------------------------------------------------------------
     def _open(self) -> None:
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"data.source={self.path}: no such file")
-        tok = ByteTokenizer()
+        bad: list[tuple[str, str, str]] = []
+        pending: list[tuple[_Kept, Encoded]] = []
         bad_lines: list[tuple[str, str]] = []
-        pending = []  # (sid, abs paths, text string)
         for fallback, rec in read_records(self.path, bad_lines):
-            sid = str(rec.get("id", fallback)) if isinstance(rec, dict) else fallback
-            err, images, _, _ = check_record(rec, tok, max_images=8)
-            if err is not None:
-                self._bad(sid, "", f"record is unusable ({err})")
+            sid = record_id(rec, fallback)
+            try:
+                msgs = record_messages(rec)
+                images = record_images(rec)
+                check_placeholders(msgs, len(images))
+                enc = self.encoder.encode(msgs)
+                if len(enc.placeholders) != len(images):
+                    raise RecordError(f"the chat template rendered {len(enc.placeholders)} `<image>` for {len(images)} images")
+                if not enc.targets.any():
+                    raise RecordError("no `gpt` answer to learn from" if self.loss_on == "assistant" else "no text tokens")
+            except RecordError as e:
+                bad.append((sid, "", str(e)))
                 continue
-            text = "\n".join(str(t.get("value", "")) for t in rec["conversations"] if isinstance(t, dict))
-            pending.append((sid, [os.path.join(self.image_root, p) for p in images], text))
+            self._check_vocab(sid, enc)
+            files = [os.path.join(self.image_root, p) for p in images]
+            pending.append((_Kept(sid, msgs, files, [], [], []), enc))
         for kind, where in bad_lines:
-            self._bad(where, "", f"unreadable JSON ({kind})")
-        paths = [p for _, ps, _ in pending for p in ps]
+            bad.append((where, "", f"unreadable JSON ({kind})"))
+
+        paths = [f for k, _ in pending for f in k.files]
         w, h, errs = scan_sizes(paths, workers=min(8, max(1, len(paths) // 64 + 1)))
-        self.ids: list[str] = []
-        self.files: list[list[str]] = []
-        self.sizes: list[list[tuple[int, int]]] = []
-        self.texts: list[bytes] = []
-        tiles, text_tokens = [], []
+        if self.images.upright_from_header:
+            ok = [i for i, e in enumerate(errs) if e is None]
+            uw, uh = upright_sizes([paths[i] for i in ok], w[ok], h[ok])
+            w[ok], h[ok] = uw, uh
+        kept: list[tuple[_Kept, Encoded]] = []
         k = 0
-        for sid, ps, text in pending:
-            n = len(ps)
-            err = next(((ps[j], errs[k + j]) for j in range(n) if errs[k + j] is not None), None)
-            sizes = [(int(w[k + j]), int(h[k + j])) for j in range(n)]
+        for rec, enc in pending:
+            n = len(rec.files)
+            err = next(((rec.files[j], errs[k + j]) for j in range(n) if errs[k + j] is not None), None)
+            rec.sizes = [(int(w[k + j]), int(h[k + j])) for j in range(n)]
             k += n
             if err is not None:
-                self._bad(sid, err[0], f"image header check failed ({err[1]})")
+                bad.append((rec.sid, err[0], f"image header check failed ({err[1]})"))
                 continue
-            body = "".join(text.split(IMAGE_PLACEHOLDER)).encode("utf-8")
-            if not body:
-                body = b" "
-            self.ids.append(sid)
-            self.files.append(ps)
-            self.sizes.append(sizes)
-            self.texts.append(body)
-            tiles.append(sum(self.acct.tiles(a, b) for a, b in sizes))
-            text_tokens.append(len(body))
-        if not self.ids:
-            raise BadSampleError(f"{self.path}: no usable samples ({len(self.skipped)} skipped)")
+            for width, height in rec.sizes:
+                t, n_tok = self.images.count(width, height)
+                rec.image_tiles.append(t)
+                rec.image_tokens.append(n_tok)
+            kept.append((rec, enc))
+        self._bad_records(bad)
+        kept = self._oversize(kept)
+        if not kept:
+            raise BadSampleError(f"{self.path}: no usable samples ({len(self.skipped)} skipped, {self.report.count('dropped')} dropped)")
+        self._samples = [r for r, _ in kept]
+        self.ids: list[str] = [r.sid for r in self._samples]
+        self.files = [r.files for r in self._samples]
+        self.sizes = [r.sizes for r in self._samples]
+        tiles, text = [], []
+        for r, enc in kept:
+            n_ids, n_img = (len(enc.ids), len(r.files)) if r.cut is None else (r.cut, int((enc.placeholders < r.cut).sum()))
+            tiles.append(sum(r.image_tiles[:n_img]))
+            text.append(n_ids - n_img)
         self.tiles = np.asarray(tiles, dtype=np.int64)
-        self.text_tokens = np.asarray(text_tokens, dtype=np.int64)
+        self.text_tokens = np.asarray(text, dtype=np.int64)
 
+    def _check_vocab(self, sid: str, enc: Encoded) -> None:
+        ids = np.delete(enc.ids, enc.placeholders)
+        if len(ids) and int(ids.max()) >= self.vocab:
+            raise BadSampleError(
+                f"{self.path}: sample {sid!r}: token id {int(ids.max())} is outside the model's vocabulary "
+                f"({self.vocab}): {self.encoder.name} does not belong to this model; set data.tokenizer"
+            )
+
+    def _bad_records(self, bad: list[tuple[str, str, str]]) -> None:
+        if not bad:
+            return
+        if self.policy == "fail":
+            lines = [f"sample {sid!r}{f' (file {f})' if f else ''}: {why}" for sid, f, why in bad[:MAX_LISTED]]
+            more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+            raise BadSampleError(
+                f"{self.path}: {len(bad)} bad record{'s' if len(bad) != 1 else ''}:\n  - " + "\n  - ".join(lines) + more
+                + f"\n{_fix_hint()} (each is then listed in data_report.jsonl)"
+            )
+        for sid, f, why in bad:
+            self.skipped.append((sid, f, why))
+            self.report.add(sid, "skipped", why, **({"file": f} if f else {}))
+
+    # ---- oversize ---------------------------------------------------------------------------------
+    @staticmethod
+    def _expanded(enc: Encoded, image_tokens: list[int], cut: int) -> int:
+        """Decoder tokens of the encoded ids [:cut] with their images expanded."""
+        ph = enc.placeholders[enc.placeholders < cut]
+        return cut - len(ph) + sum(image_tokens[: len(ph)])
+
+    def _safe_cut(self, enc: Encoded, image_tokens: list[int], budget: int) -> tuple[Optional[int], int]:
+        """(the end of the last whole answer that fits `budget` tokens or None, answers kept)."""
+        best, kept = None, 0
+        for j, (_, end) in enumerate(enc.answers):
+            if self._expanded(enc, image_tokens, int(end)) <= budget:
+                best, kept = int(end), j + 1
+        return best, kept
+
+    def _oversize(self, kept: list[tuple[_Kept, Encoded]]) -> list[tuple[_Kept, Encoded]]:
+        L = self.seq_length
+        full = [self._expanded(enc, r.image_tokens, len(enc.ids)) for r, enc in kept]
+        over = [i for i, n in enumerate(full) if n > L]
+        if not over:
+            return kept
+        policy = self.oversize_policy
+        if policy == "error":
+            names = [f"{kept[i][0].sid!r} ({full[i]} tokens)" for i in over[:MAX_LISTED]]
+            raise BadSampleError(
+                f"{self.path}: {len(over)} sample{'s are' if len(over) > 1 else ' is'} longer than packing.seq_length={L}: "
+                + ", ".join(names) + (" ..." if len(over) > MAX_LISTED else "")
+                + f"; raise packing.seq_length (>= {max(full[i] for i in over)} fits them all), or set "
+                "packing.oversize_policy=truncate (keeps whole answers) or drop"
+            )
+        drop = set()
+        for i in over:
+            r, enc = kept[i]
+            if policy == "truncate":
+                cut, answers = self._safe_cut(enc, r.image_tokens, L)
+                if cut is not None:
+                    r.cut = cut
+                    n = self._expanded(enc, r.image_tokens, cut)
+                    self.report.add(r.sid, "truncated", f"{full[i]} tokens > packing.seq_length={L}: kept {n} tokens, "
+                                    f"{answers} of {len(enc.answers)} answers whole")
+                    continue
+                why = f"{full[i]} tokens > packing.seq_length={L} and its first answer does not fit"
+            else:
+                why = f"{full[i]} tokens > packing.seq_length={L}"
+            self.report.add(r.sid, "dropped", why)
+            drop.add(i)
+        return [x for i, x in enumerate(kept) if i not in drop]
+
+    # ---- counts -----------------------------------------------------------------------------------
     @property
     def skipped_samples(self) -> int:
         return len(self.skipped)
 
+    def data_counts(self) -> dict[str, int]:
+        """Samples left out or changed when the source was opened (metrics and summary keys)."""
+        return self.report.counts()
+
     def __len__(self) -> int:
         return len(self.ids)
 
-    # ---- samples --------------------------------------------------------------------------------
-    def _text_ids(self, index: int) -> np.ndarray:
-        raw = np.frombuffer(self.texts[index], dtype=np.uint8).astype(np.int64)
-        return FIRST_TEXT_ID + raw % (self.vocab - FIRST_TEXT_ID)  # fold bytes into the vocab, off the specials
-
-    def _decode(self, index: int) -> np.ndarray:
-        """float32 [tiles, C, H, W] of all images of sample `index`; raises on a decode failure."""
-        from PIL import Image
-
-        ts = self.image_size
-        out = []
-        for path, (w, h) in zip(self.files[index], self.sizes[index]):
-            with Image.open(path) as im:
-                im.load()
-                im = im.convert("RGB" if self.channels == 3 else "L")
-            cols, rows = self.acct.grid(w, h)
-            im = im.resize((cols * ts, rows * ts), Image.BICUBIC)
-            a = np.asarray(im, dtype=np.float32) / 255.0
-            if a.ndim == 2:
-                a = a[:, :, None]
-            a = (a - MEAN[: self.channels]) / STD[: self.channels]
-            # [rows*ts, cols*ts, C] -> [rows, cols, C, ts, ts] -> [tiles, C, ts, ts] (row-major tiles)
-            t = a.reshape(rows, ts, cols, ts, self.channels).transpose(0, 2, 4, 1, 3).reshape(rows * cols, self.channels, ts, ts)
-            out.append(t)
-        if not out:
-            return np.zeros((0, self.channels, ts, ts), np.float32)
-        return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
-
+    # ---- samples ----------------------------------------------------------------------------------
     def sample(self, index: int, with_pixels: bool, keep_tokens: Optional[int] = None) -> Sample:
-        tiles = int(self.tiles[index])
-        image_tokens = tiles * self.tokens_per_tile
-        text = self._text_ids(index)
-        if keep_tokens is not None:  # packing.oversize_policy=truncate cuts text, never the image
-            text = text[: max(keep_tokens - image_tokens, 1)]
+        r = self._samples[index]
+        enc = self.encoder.encode(r.messages)
+        cut = r.cut
+        planned = int(self.tiles[index]) * self.tokens_per_tile + int(self.text_tokens[index])
+        ids, targets = enc.ids, enc.targets
+        if keep_tokens is not None and keep_tokens < planned:  # a plan that truncated: keep whole answers only
+            cut, _ = self._safe_cut(enc, r.image_tokens, keep_tokens)
+            if cut is None:  # nothing whole fits: keep what fits, with no answer tokens left to learn
+                cut = self._hard_cut(enc, r.image_tokens, keep_tokens)
+                targets = np.zeros_like(targets)
+            if index not in self._plan_cuts:
+                self._plan_cuts.add(index)
+                self.report.add(r.sid, "truncated", f"the packing plan keeps {keep_tokens} of {planned} tokens")
+        if cut is not None:
+            ids, targets = ids[:cut], targets[:cut]
+        ph = enc.placeholders[enc.placeholders < len(ids)]
+        n_img = len(ph)
+        text = np.delete(ids, ph)
+        tiles = sum(r.image_tiles[:n_img])
+        lengths = np.asarray(r.image_tokens[:n_img], dtype=np.int64)
+        if keep_tokens is None and (tiles != int(self.tiles[index]) or len(text) != int(self.text_tokens[index])):
+            raise BadSampleError(
+                f"{self.path}: sample {r.sid!r} encodes to {len(text)} text tokens and {tiles} tiles now, "
+                f"{int(self.text_tokens[index])} and {int(self.tiles[index])} when the source was opened"
+            )
         pixels = None
         # Under `skip` every stage decodes (the last PP stage must know to mask the loss).
-        if with_pixels or self.policy == "skip":
-            pixels = self._pixels_or_black(index, tiles)
-        return Sample(sample_id=index, text=text, pixels=pixels if with_pixels else None, tiles=tiles, image_tokens=image_tokens)
+        if n_img and (with_pixels or self.policy == "skip"):
+            pixels = self._pixels_or_black(index, n_img, tiles)
+        elif with_pixels:
+            pixels = np.zeros((0, *self.image_shape), np.float32)
+        return Sample(
+            sample_id=index, text=text, pixels=pixels if with_pixels else None, tiles=tiles,
+            image_tokens=int(lengths.sum()), image_at=ph - np.arange(n_img), image_lengths=lengths,
+            targets=np.delete(targets, ph), image_token_id=self.image_token_id,
+        )
 
-    def _pixels_or_black(self, index: int, tiles: int) -> np.ndarray:
-        ts = self.image_size
+    def _hard_cut(self, enc: Encoded, image_tokens: list[int], budget: int) -> int:
+        """The longest prefix within `budget` tokens that does not split an image."""
+        cut = 0
+        for c in range(1, len(enc.ids) + 1):
+            if self._expanded(enc, image_tokens, c) > budget:
+                break
+            cut = c
+        return max(cut, 1)
+
+    def _pixels_or_black(self, index: int, n_img: int, tiles: int) -> np.ndarray:
+        r = self._samples[index]
         if index not in self.decode_failed:
             try:
-                px = self._decode(index)
+                parts = [self.images.pixels(f) for f in r.files[:n_img]]
+                px = np.concatenate(parts) if parts else np.zeros((0, *self.image_shape), np.float32)
                 if px.shape[0] != tiles:
                     raise ValueError(f"decoded {px.shape[0]} tiles, the header said {tiles}")
                 return px
@@ -176,8 +305,10 @@ class LlavaJsonTrainSource:
                 reason = f"{type(e).__name__}: {e}"
                 if self.policy == "fail":
                     raise BadSampleError(
-                        f"{self.path}: sample {self.ids[index]!r} (index {index}, file {', '.join(self.files[index])}): "
+                        f"{self.path}: sample {r.sid!r} (index {index}, file {', '.join(r.files)}): "
                         f"image failed to decode during training ({reason}); {_fix_hint()}"
                     ) from e
                 self.decode_failed[index] = reason
-        return np.zeros((tiles, self.channels, ts, ts), np.float32)
+                self.report.add(r.sid, "bad_image", f"failed to decode during training ({reason}); loss masked",
+                                file=", ".join(r.files))
+        return np.zeros((tiles, *self.image_shape), np.float32)

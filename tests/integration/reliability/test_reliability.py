@@ -240,7 +240,13 @@ def test_llava_skip_policy_trains_and_counts(tmp_path):
     m = metrics(out)
     assert len(m) == 3 and all(x["loss"] == x["loss"] for x in m)
     seen = {s for x in m for s in x["sample_ids"]}
-    assert seen == set(range(14)), "the 2 samples with bad headers are left out of the plan"
+    assert seen == {f"s{i}" for i in range(16)} - {"s3", "s5"}, "the 2 samples with bad headers are left out of the plan"
     assert m[-1]["skipped_samples"] == 2 and m[-1]["bad_samples"] >= 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_samples"] == 2 and summary["bad_samples"] == m[-1]["bad_samples"]
+    report = [json.loads(line) for line in (out / "data_report.jsonl").read_text().splitlines()]
+    by_id = {r["id"]: r for r in report}
+    assert by_id["s3"]["action"] == "skipped" and "missing_image" in by_id["s3"]["reason"]
+    assert by_id["s5"]["action"] == "skipped" and "img5.png" in by_id["s5"]["file"]
+    assert by_id["s7"]["action"] == "bad_image" and "decode" in by_id["s7"]["reason"]  # seen in training
+    assert len(report) == 3

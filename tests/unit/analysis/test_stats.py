@@ -83,7 +83,7 @@ def test_llava_cli_errors_and_strict(llava_dir, tmp_path):
     assert stats["image_tokens"]["range_counts"] == {"1-100": 3}
     assert stats["image_tokens"]["at_least"] == {"500": 1}
     assert stats["errors"]["multiple_images"] == {"count": 2, "first_ids": ["two", "twoph"]}
-    assert stats["errors"]["malformed_json"]["first_ids"] == ["line:4"]
+    assert stats["errors"]["malformed_json"]["first_ids"] == ["data.jsonl:4"]
     summary = (out / "summary.md").read_text()
     assert "excluded" in summary and "missing_image" in summary
     assert main(args + ["--strict"]) == 1

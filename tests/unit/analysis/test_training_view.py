@@ -69,7 +69,7 @@ def test_llava_training_view_tiles_skips_and_aspect(llava_dir, tmp_path):
     assert stats["tiles"]["mean"] == pytest.approx(np.mean(src.tiles))
     assert stats["total_tokens"]["mean"] == pytest.approx(np.mean(np.asarray(src.tiles) * 16 + src.text_tokens))
     skipped = {sid for e in stats["errors"].values() for sid in e["first_ids"]}
-    assert skipped == {"missing", "trunc", "corrupt", "text", "empty", "noph", "twoph", "line:4"}
+    assert skipped == {"missing", "trunc", "corrupt", "text", "empty", "noph", "twoph", "data.jsonl:4"}
     assert stats["samples"]["with_errors"] == 8 and stats["samples"]["scanned"] == 13
     # images a 336x336, b 100x50, c 14x14, d 700x15, and "two" = a + b
     ar = stats["aspect_ratio"]

@@ -43,7 +43,7 @@ def test_llava_jsonl_counts_and_errors(llava_dir, workers):
     assert res.text_tokens.tolist() == [20] * 4
     assert res.total_tokens.tolist() == [20 + t - 1 for t in GOOD_IMAGE_TOKENS.values()]
     errors = res.errors.to_dict()
-    assert {k: v["first_ids"] for k, v in errors.items()} == EXPECTED_ERRORS | {"malformed_json": ["line:4"]}
+    assert {k: v["first_ids"] for k, v in errors.items()} == EXPECTED_ERRORS | {"malformed_json": ["data.jsonl:4"]}
     assert res.num_scanned == 13 and res.errors.total == 9
 
 

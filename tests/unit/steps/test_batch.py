@@ -97,3 +97,26 @@ def test_segment_alignment_gives_a_padded_cu_seqlens():
     assert mb.sample_spans == [(0, 7), (8, 14)]
     assert mb.loss_mask[7] == 0 and mb.loss_mask[14:].sum() == 0
     assert mb.max_seqlen == 8
+
+
+def test_images_stand_where_their_placeholders_stood_and_only_targets_are_predicted():
+    """Text 10..15 with image A (1 tile) before text[2] and image B (2 tiles) after the text;
+    targets are text[3:5] (an answer): the loss is where the token before a target is."""
+    s = Sample(sample_id=3, text=np.arange(10, 16, dtype=np.int64), pixels=np.zeros((3, *SHAPE), np.float32), tiles=3,
+               image_tokens=3 * P, image_at=np.array([2, 6]), image_lengths=np.array([P, 2 * P]),
+               targets=np.array([0, 0, 0, 1, 1, 0], bool), image_token_id=99)
+    mb = build([[s]])
+    t = mb.tokens.tolist()
+    assert t == [10, 11] + [99] * P + [12, 13, 14, 15] + [99] * (2 * P)
+    assert mb.image_token_index.tolist() == list(range(2, 2 + P)) + list(range(2 + P + 4, 18))
+    m = mb.loss_mask.numpy().astype(bool)
+    assert mb.labels.numpy()[m].tolist() == [13, 14]  # the answer, nothing else
+    assert np.flatnonzero(m).tolist() == [2 + P, 3 + P]
+    assert not np.isin(mb.image_token_index.numpy(), np.flatnonzero(m) + 1).any()  # no image token is a target
+
+
+def test_bad_image_positions_are_an_error_naming_the_sample():
+    s = Sample(sample_id=8, text=np.arange(4), pixels=None, tiles=1, image_tokens=P, image_at=np.array([9]),
+               image_lengths=np.array([P]))
+    with pytest.raises(BadBatchError, match="sample 8: image positions"):
+        build([[s]])
