@@ -42,6 +42,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -664,7 +665,7 @@ class Checkpointer:
             _barrier(group)
             planner = shards.EntrySavePlanner(job.entries, on_write=self._on_write(job.step))
             writer = FileSystemWriter(str(tmp), single_file_per_rank=True, sync_files=True, thread_count=1)
-            dcp_save({}, storage_writer=writer, planner=planner, process_group=group)
+            shards.dcp_call(dcp_save, {}, storage_writer=writer, planner=planner, process_group=group)
             written = planner.planned_bytes()
             files = sorted(os.listdir(tmp))
             mine = {f: {"bytes": (tmp / f).stat().st_size, "crc32": _crc32(tmp / f)} for i, f in enumerate(files) if i % world == rank}
@@ -783,8 +784,15 @@ class Checkpointer:
             prefix = f"rng/rank{self.rank}/"
             rng = {k[len(prefix):]: torch.empty(tuple(md.size), dtype=md.properties.dtype) for k, md in stored.items() if k.startswith(prefix)}
             entries += self.rng_entries(rng)
+        planner = shards.EntryLoadPlanner(entries)
+        lacking = [m for part in _all_gather_object(planner.plan_reads(reader.read_metadata())) for m in part]
+        if lacking:
+            raise CheckpointMismatchError(
+                f"refusing to resume from {path}: it does not hold what this model needs:\n  - "
+                + "\n  - ".join(sorted(set(lacking))[:20])
+            )
         with torch.no_grad():
-            dcp_load({}, storage_reader=reader, planner=shards.EntryLoadPlanner(entries))
+            shards.dcp_call(dcp_load, {}, storage_reader=reader, planner=planner)
         if rng:
             _set_rng(rng)
         self.last_committed = int(meta["step"])
@@ -821,15 +829,16 @@ def read_full(path: Path, fqns: Optional[list[str]] = None) -> dict[str, torch.T
     want = sorted(stored) if fqns is None else list(fqns)
     out = {k: torch.empty(stored[k][0], dtype=stored[k][1]) for k in want}
     entries = [Entry(k, tuple(t.shape), (0,) * t.dim(), t) for k, t in out.items()]
-    dcp_load({}, storage_reader=FileSystemReader(str(path)), planner=shards.EntryLoadPlanner(entries), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        shards.dcp_call(dcp_load, {}, storage_reader=FileSystemReader(str(path)), planner=shards.EntryLoadPlanner(entries), no_dist=True)
     return out
 
 
 def digests(path: Path, prefixes: tuple[str, ...] = (MODEL, OPTIM)) -> dict[str, str]:
     """sha256 of every stored model / optimizer tensor by name: equal digests, equal state."""
     full = read_full(path, [k for k in stored_tensors(path) if k.startswith(prefixes)])
-    return {k: hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes() if t.dim() else t.reshape(1).view(torch.uint8).numpy().tobytes()).hexdigest()
-            for k, t in full.items()}
+    return {k: hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest() for k, t in full.items()}
 
 
 def total_bytes(path: Path) -> int:

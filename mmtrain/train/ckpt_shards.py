@@ -42,6 +42,10 @@ MODEL = "model/"
 OPTIM = "optim/"
 
 
+class MissingInCheckpoint(RuntimeError):
+    """A tensor (or part of one) this model needs is not in the checkpoint."""
+
+
 class LayoutError(RuntimeError):
     """A mapping of local memory onto full tensors that does not tile them (a bug, never data)."""
 
@@ -215,6 +219,21 @@ def check_tiling(fqn: str, global_shape: Sequence[int], chunks: Sequence[ChunkSt
 # ---- DCP planners ------------------------------------------------------------------------------
 
 
+def dcp_call(fn, *args, **kwargs):
+    """Run a DCP save/load; its CheckpointException (a BaseException carrying every rank's error)
+    becomes the first rank's own error type when it is ours, else a RuntimeError naming it."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        return fn(*args, **kwargs)
+    except CheckpointException as e:
+        rank, (exc, _) = sorted(e.failures.items())[0]
+        if isinstance(exc, (LayoutError, MissingInCheckpoint)):
+            raise type(exc)(str(exc)) from None
+        raise RuntimeError(f"checkpoint I/O failed on rank {rank} ({len(e.failures)} rank(s) failed): {type(exc).__name__}: {exc}") from None
+
+
+
 class EntrySavePlanner(SavePlanner):
     """Writes exactly the given entries. Entries that several ranks hold (replicas over DP, or a
     tied embedding on two stages) are written once, by the rank with the least to write so far;
@@ -283,14 +302,15 @@ class EntryLoadPlanner(LoadPlanner):
     def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:  # noqa: ARG002
         self.metadata = metadata
 
-    def create_local_plan(self) -> LoadPlan:
+    def plan_reads(self, metadata) -> list[str]:
+        """Work out the reads against a checkpoint's DCP metadata; what it lacks, as messages."""
         by_fqn: dict[str, list[Entry]] = {}
         for e in self.entries.values():
             by_fqn.setdefault(e.fqn, []).append(e)
-        stored = self.metadata.state_dict_metadata
-        reads: list[ReadItem] = []
+        stored = metadata.state_dict_metadata
+        self.reads: list[ReadItem] = []
         problems = []
-        for fqn, es in by_fqn.items():
+        for fqn, es in sorted(by_fqn.items()):
             md = stored.get(fqn)
             if not isinstance(md, TensorStorageMetadata):
                 problems.append(f"{fqn}: not in the checkpoint")
@@ -306,10 +326,14 @@ class EntryLoadPlanner(LoadPlanner):
             for e, n in zip(es, got):
                 if n != e.tensor.numel():
                     problems.append(f"{fqn}: the checkpoint covers {n} of the {e.tensor.numel()} elements at {e.offsets}")
-            reads += items
+            self.reads += items
+        return problems
+
+    def create_local_plan(self) -> LoadPlan:
+        problems = self.plan_reads(self.metadata)
         if problems:
-            raise KeyError("checkpoint does not hold what this model needs:\n  - " + "\n  - ".join(problems[:20]))
-        return LoadPlan(reads)
+            raise MissingInCheckpoint("checkpoint does not hold what this model needs:\n  - " + "\n  - ".join(problems[:20]))
+        return LoadPlan(self.reads)
 
     def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
         return global_plan
