@@ -45,6 +45,8 @@ LAYOUTS = {
     "pp2": ["parallel.pipeline_model_parallel_size=2"],
     "dp2": ["parallel.use_distributed_optimizer=true", "trainer.max_steps=4"],  # then DP1 again, to STEPS
 }
+# The DP2 runs assign packs to ranks with the balancer (online, the default) and round robin (plan).
+DP2_BALANCING = {"online": [], "plan": ["balancing.enabled=false"]}
 
 
 def run(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
@@ -115,6 +117,8 @@ def world(tmp_path_factory):
     jobs = []
     for kind, base in kinds.items():
         for layout, extra in LAYOUTS.items():
+            if layout == "dp2":
+                extra = extra + DP2_BALANCING[kind]
             jobs.append({"name": f"{kind}_{layout}", "overrides": [
                 *base, f"trainer.max_steps={STEPS}", *extra, f"trainer.output_dir={root / f'{kind}_{layout}'}",
                 f"trainer.resume={refs[kind] / 'checkpoints' / 'step_00000002'}"]})
