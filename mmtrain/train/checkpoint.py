@@ -199,6 +199,13 @@ def _barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
+def _jsonable(x):
+    """numpy scalars / arrays in the data state become plain JSON numbers / lists."""
+    if isinstance(x, (np.generic, np.ndarray)):
+        return x.tolist()
+    raise TypeError(f"checkpoint meta: {type(x).__name__} is not JSON serialisable")
+
+
 # ---- discovery and validation ------------------------------------------------------------------
 
 
@@ -532,14 +539,14 @@ class Checkpointer:
     """Saves and loads the checkpoints of one run. Collective: every rank constructs it and calls
     `save`, `load`, `wait` at the same points."""
 
-    def __init__(self, b, src_fp: str, injector=None) -> None:
+    def __init__(self, b, src_fp: str, injector=None, keep_last: Optional[int] = None) -> None:
         self.b = b
         self.cfg = b.cfg
         t = self.cfg.trainer
         self.src_fp = src_fp
         self.injector = injector
         self.async_save = bool(t.async_save)
-        self.keep_last = t.keep_last
+        self.keep_last = t.keep_last if keep_last is None else keep_last
         self.pending: Optional[_Job] = None
         self.last_committed: Optional[int] = None
         self.unreported: list[dict] = []
@@ -569,10 +576,10 @@ class Checkpointer:
         self.group = dist.new_group(backend="gloo") if (self.async_save and _dist_on()) else None
 
     # ---- entries ---------------------------------------------------------------------------
-    def model_entries(self, only_saved: bool = True) -> list[Entry]:
+    def model_entries(self) -> list[Entry]:
         out = []
         for p in self.params:
-            if only_saved and not p.saved:
+            if not p.saved:
                 continue
             out += shards.param_entries(MODEL + p.name, p.param.data, p.pieces, p.full_shape)
         return out
@@ -622,6 +629,8 @@ class Checkpointer:
             "params": self.table,
             "pretrained": self.pretrained,
         }
+        # A snapshot (and a JSON check) now: the data module moves on while a background save runs.
+        meta = json.loads(json.dumps(meta, default=_jsonable))
         entries = self.model_entries() + self.optimizer_entries() + self.rng_entries()
         background = self.async_save and reason == "interval"
         if background:  # a host copy: training may change the tensors while the thread writes them
@@ -642,8 +651,8 @@ class Checkpointer:
         if inj is None or not inj.kill_during_save(step):
             return None
 
-        def hook(i: int) -> None:
-            if i == 1:  # after the first tensor of this rank is in its file
+        def hook(i: int, total: int) -> None:
+            if i == min(1, total - 1):  # after the first tensor of this rank is in its file
                 os.kill(os.getpid(), signal.SIGKILL)
 
         return hook
@@ -667,7 +676,7 @@ class Checkpointer:
             writer = FileSystemWriter(str(tmp), single_file_per_rank=True, sync_files=True, thread_count=1)
             shards.dcp_call(dcp_save, {}, storage_writer=writer, planner=planner, process_group=group)
             written = planner.planned_bytes()
-            files = sorted(os.listdir(tmp))
+            files = _broadcast_object(sorted(os.listdir(tmp)) if rank == 0 else None, group)  # one view of a shared folder
             mine = {f: {"bytes": (tmp / f).stat().st_size, "crc32": _crc32(tmp / f)} for i, f in enumerate(files) if i % world == rank}
             gathered = _all_gather_object((mine, written), group)
             if rank == 0:
@@ -680,7 +689,7 @@ class Checkpointer:
                 meta["tensor_bytes_by_rank"] = [w for _, w in gathered]
                 meta["save"] = {"async": job.thread is not None, "write_s": round(time.perf_counter() - job.t0, 4)}
                 with open(tmp / META, "w") as f:
-                    json.dump(meta, f, indent=1)
+                    json.dump(meta, f, indent=1, default=_jsonable)
                     f.flush()
                     os.fsync(f.fileno())
                 _fsync_dir(tmp)
@@ -803,8 +812,7 @@ class Checkpointer:
 
 def save(b, step: int, data_state: dict, extra: dict, keep_last: int) -> Path:
     """Write checkpoint `step_<step>` and wait for it (collective). Returns its path."""
-    b.cfg.trainer.keep_last = keep_last
-    ck = Checkpointer(b, extra.get("source_fingerprint", ""))
+    ck = Checkpointer(b, extra.get("source_fingerprint", ""), keep_last=keep_last)
     ck.save(step, data_state, extra, reason="final")
     return checkpoint_root(b.cfg.trainer.output_dir) / f"step_{step:08d}"
 

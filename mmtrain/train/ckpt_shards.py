@@ -239,7 +239,7 @@ class EntrySavePlanner(SavePlanner):
     tied embedding on two stages) are written once, by the rank with the least to write so far;
     the coordinator refuses a plan whose chunks do not tile every tensor."""
 
-    def __init__(self, entries: list[Entry], on_write: Optional[Callable[[int], None]] = None) -> None:
+    def __init__(self, entries: list[Entry], on_write: Optional[Callable[[int, int], None]] = None) -> None:
         self.entries = {e.key: e for e in entries}
         if len(self.entries) != len(entries):
             raise LayoutError("two entries of this rank have the same tensor and offsets")
@@ -284,7 +284,7 @@ class EntrySavePlanner(SavePlanner):
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
         e = self.entries[(write_item.index.fqn, tuple(write_item.index.offset))]
         if self.on_write is not None:
-            self.on_write(self.written)
+            self.on_write(self.written, len(self.plan.items))
         self.written += 1
         return e.tensor
 
