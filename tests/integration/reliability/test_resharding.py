@@ -186,8 +186,10 @@ def test_mostly_text_batches_with_frozen_vit_run_to_the_end(world, layout):
     assert steps_without_image and steps_with_image, (steps_without_image, steps_with_image)
 
 
+@pytest.mark.multiproc
 def test_checkpoint_files_are_sharded_by_writing_rank(world):
-    """A 2-process checkpoint has one data file per writing rank, sizes and checksums in meta.json."""
+    """A 2-process checkpoint has one data file per writing rank, sizes and checksums in meta.json;
+    at DP2 both replicas write about half."""
     from mmtrain.train import checkpoint as ck
 
     path = world["root"] / "online_tp2" / "checkpoints" / f"step_{STEPS:08d}"
@@ -195,5 +197,9 @@ def test_checkpoint_files_are_sharded_by_writing_rank(world):
     data = sorted(f for f in meta["files"] if f.endswith(".distcp"))
     assert data == ["__0_0.distcp", "__1_0.distcp"], data
     assert all(b > 0 for b in meta["tensor_bytes_by_rank"]) and ck.validate(path) is None
+    # DP replicas (and the distributed optimizer's shards) share the writing
+    dp_meta = ck.read_meta(world["root"] / "online_dp2" / "checkpoints" / "step_00000004")
+    per_rank = dp_meta["tensor_bytes_by_rank"]
+    assert len(per_rank) == 2 and min(per_rank) > 0.6 * max(per_rank), per_rank
     ref = world["refs"]["online"] / "checkpoints"
     assert sorted(p.name for p in ref.iterdir()) == ["step_00000002", "step_00000004", "step_00000006"]  # keep_last=0
