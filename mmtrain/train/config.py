@@ -30,7 +30,7 @@ class TrainerConfig:
     wandb: Optional[str] = None  # W&B project to log to (needs the wandb package); unset = no W&B
     save_interval: int = 0  # steps between checkpoints; 0 = none on the way (preemption still saves)
     save_final: bool = True  # a checkpoint after the last step (what `mmtrain export-hf` reads)
-    keep_last: int = 2  # committed checkpoints kept (0 = all)
+    keep_last: int = 0  # committed checkpoints kept; 0 = all (as Megatron-LM), set it for long runs
     resume: str = "auto"  # auto | never | <checkpoint path>
     async_save: bool = False  # periodic saves written by a background thread (preemption/final saves block)
     save_frozen: bool = False  # also write frozen parameters that came from model.pretrained
