@@ -7,6 +7,8 @@
 #
 # Needs root (apt-get, daemons). State, spool, logs and slurm.conf live in $MMTRAIN_SLURM_DIR
 # (default /tmp/mmtrain-slurm); clients find the config through SLURM_CONF=$MMTRAIN_SLURM_DIR/slurm.conf.
+# Each cluster is private: its own munged (socket under /run/mmtrain-munge-<id>) and its own free
+# slurmctld/slurmd ports, so several clusters (parallel test sessions) can run on one host.
 # `up` exits non-zero with a message on stderr when anything is missing; it never skips silently.
 set -euo pipefail
 
@@ -18,6 +20,20 @@ die() { echo "local_slurm: error: $*" >&2; exit 1; }
 log() { echo "local_slurm: $*" >&2; }
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# A private munged per cluster: its files must sit in a folder the munge user owns.
+MUNGE_DIR=/run/mmtrain-munge-$(printf '%s' "$SR" | cksum | cut -d' ' -f1)
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+free_port() {  # a port nobody listens on, away from the ephemeral range
+  local p
+  for _ in $(seq 1 200); do
+    p=$(( 20000 + RANDOM % 10000 ))
+    if port_free "$p" && [ "$p" != "${1:-}" ]; then echo "$p"; return 0; fi
+  done
+  die "no free port found for slurmctld/slurmd"
+}
 
 install_pkgs() {
   if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
@@ -47,16 +63,20 @@ up() {
     rm -rf "$SR/state" "$SR/spool"
     mkdir -p "$SR/state" "$SR/spool" "$SR/log"
 
-    # munge: reuse a running munged, else start one (and remember that we did)
-    if ! { [ -f /run/munge/munged.pid ] && kill -0 "$(cat /run/munge/munged.pid)" 2>/dev/null; }; then
-      [ -f /etc/munge/munge.key ] || { command -v mungekey >/dev/null && mungekey --create >/dev/null 2>&1 \
-        || /usr/sbin/create-munge-key -f >/dev/null 2>&1 || die "no /etc/munge/munge.key"; }
-      chown munge:munge /etc/munge/munge.key 2>/dev/null || true
-      chmod 0400 /etc/munge/munge.key
-      install -d -o munge -g munge -m 0755 /run/munge
-      runuser -u munge -- /usr/sbin/munged || die "munged failed to start"
-      cp /run/munge/munged.pid "$SR/munged.pid"
-    fi
+    # munge: a daemon of this cluster's own (another cluster's munged may stop at any time)
+    [ -f /etc/munge/munge.key ] || { command -v mungekey >/dev/null && mungekey --create >/dev/null 2>&1 \
+      || /usr/sbin/create-munge-key -f >/dev/null 2>&1 || die "no /etc/munge/munge.key"; }
+    chown munge:munge /etc/munge/munge.key 2>/dev/null || true
+    chmod 0400 /etc/munge/munge.key
+    stop_pidfile "$SR/munged.pid"
+    install -d -o munge -g munge -m 0755 "$MUNGE_DIR"
+    runuser -u munge -- /usr/sbin/munged --socket="$MUNGE_DIR/munge.socket" --pid-file="$MUNGE_DIR/munged.pid" \
+      --log-file="$MUNGE_DIR/munged.log" --seed-file="$MUNGE_DIR/munged.seed" || die "munged failed to start"
+    for _ in $(seq 1 40); do [ -S "$MUNGE_DIR/munge.socket" ] && break; sleep 0.1; done
+    cp "$MUNGE_DIR/munged.pid" "$SR/munged.pid"
+    local ctld_port slurmd_port
+    ctld_port=$(free_port)
+    slurmd_port=$(free_port "$ctld_port")
 
     cat > "$CONF" <<CONF
 ClusterName=mmtrainci
@@ -64,6 +84,9 @@ SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
+AuthInfo=socket=$MUNGE_DIR/munge.socket
+SlurmctldPort=$ctld_port
+SlurmdPort=$slurmd_port
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -117,7 +140,8 @@ down() {
   fi
   stop_pidfile "$SR/slurmd.pid"
   stop_pidfile "$SR/slurmctld.pid"
-  stop_pidfile "$SR/munged.pid"  # only if this script started munged
+  stop_pidfile "$SR/munged.pid"
+  rm -rf "$MUNGE_DIR"
   log "down"
 }
 

@@ -4,10 +4,15 @@
     python -m mmtrain.launch.slurm --recipe h20_4gpu_dp4 --dry-run model=tiny cluster=cpu   # print the script
 
 The script runs one srun task per node, each starting torchrun (mmtrain.launch.torchrun) with a c10d
-rendezvous at the first node of the allocation. `#SBATCH --signal=B:USR1@<s>` warns the script
-before the time limit; it forwards SIGUSR1 to the training processes, and when training exits
-with trainer.exit_code_preempted (75) the job requeues itself. Hydra overrides (every argument
+rendezvous at the first node of the allocation, on a port derived from the job id (so two jobs
+sharing a node do not collide; --master-port fixes it). `#SBATCH --signal=B:USR1@<s>` warns the
+script before the time limit; it forwards SIGUSR1 to the training processes, and when training
+exits with trainer.exit_code_preempted (75) the job requeues itself. Hydra overrides (every argument
 that is not an option below) are passed through unchanged and validated here before submitting.
+
+Where the job runs: --workdir (the checkout on the compute nodes; default this one) and --python or
+--venv (relative paths are taken inside the workdir at job time; default this interpreter);
+$MMTRAIN_PYTHON in the job's environment overrides both.
 """
 
 from __future__ import annotations
@@ -47,11 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signal-seconds", type=int, default=120,
                    help="send SIGUSR1 this many seconds before the time limit (default 120)")
     p.add_argument("--no-requeue", action="store_true", help="do not requeue on preemption")
-    p.add_argument("--master-port", type=int, default=29500, help="c10d rendezvous port (default 29500)")
+    p.add_argument("--master-port", type=int,
+                   help="c10d rendezvous port (default 20000 + job id %% 10000: two jobs on one node do not collide)")
     p.add_argument("--container-image", help="run inside this image (pyxis/enroot srun --container-image)")
     p.add_argument("--container-mounts", help="extra pyxis mounts (the repository is always mounted)")
     p.add_argument("--python", help="python on the compute nodes (default: this interpreter; "
-                   "'python' inside a container)")
+                   "'python' inside a container); relative = inside --workdir")
+    p.add_argument("--venv", help="virtual environment on the compute nodes (its bin/python); relative = inside --workdir")
+    p.add_argument("--workdir", help="the checkout on the compute nodes (default: this checkout)")
     p.add_argument("--log-dir", help="where the script and job logs go (default <trainer.output_dir>/slurm)")
     p.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                    help="extra raw sbatch option, e.g. --sbatch-arg=--constraint=h20 (repeatable)")
@@ -93,13 +101,16 @@ def render(args: argparse.Namespace, argv: list[str]) -> tuple[str, Path]:
     d += list(args.sbatch_arg)
     directives = "\n".join(f"#SBATCH {x}" for x in d)
 
+    if args.python and args.venv:
+        raise SystemExit("error: give --python or --venv, not both")
+    workdir = args.workdir or str(REPO)
     srun_extra = ""
-    python = args.python or sys.executable
+    python = args.python or (str(Path(args.venv) / "bin" / "python") if args.venv else sys.executable)
     if args.container_image:
         mounts = f"{REPO}:{REPO}" + (f",{args.container_mounts}" if args.container_mounts else "")
         srun_extra = (f"--container-image={shlex.quote(args.container_image)} "
-                      f"--container-mounts={shlex.quote(mounts)} --container-workdir={shlex.quote(str(REPO))} ")
-        python = args.python or "python"
+                      f"--container-mounts={shlex.quote(mounts)} --container-workdir={shlex.quote(workdir)} ")
+        python = args.python or (str(Path(args.venv) / "bin" / "python") if args.venv else "python")
     if args.no_requeue:
         exit_code = -1  # never matches: no requeue
     else:
@@ -111,8 +122,8 @@ def render(args: argparse.Namespace, argv: list[str]) -> tuple[str, Path]:
         nproc_per_node=per_node,
         signal_seconds=args.signal_seconds,
         exit_code_preempted=exit_code,
-        repo_q=shlex.quote(str(REPO)),
-        master_port=args.master_port,
+        workdir_q=shlex.quote(workdir),
+        master_port=(str(args.master_port) if args.master_port else "$(( 20000 + SLURM_JOB_ID % 10000 ))"),
         srun_extra=srun_extra,
         python_q=shlex.quote(python),
         train_args=(f"--module {shlex.quote(args.train_module)} " if args.train_module != "mmtrain.train" else "")

@@ -30,8 +30,12 @@ class TrainerConfig:
     wandb: Optional[str] = None  # W&B project to log to (needs the wandb package); unset = no W&B
     save_interval: int = 0  # steps between checkpoints; 0 = none on the way (preemption still saves)
     save_final: bool = True  # a checkpoint after the last step (what `mmtrain export-hf` reads)
-    keep_last: int = 2
+    keep_last: int = 0  # committed checkpoints kept; 0 = all (as Megatron-LM), set it for long runs
     eval_interval: int = 0  # steps between validation losses on data.validation_source; 0 = after the last step only
     resume: str = "auto"  # auto | never | <checkpoint path>
+    async_save: bool = False  # periodic saves written by a background thread (preemption/final saves block)
+    save_frozen: bool = False  # also write frozen parameters that came from model.pretrained
+    verify_checkpoint: bool = True  # resume checks every file's crc32 (sizes are always checked)
+    preempt_save_budget_s: float = 30.0  # the SIGTERM/USR1 save should finish within this (Slurm KillWait)
     max_consecutive_nonfinite: int = 3
     exit_code_preempted: int = 75

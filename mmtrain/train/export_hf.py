@@ -37,21 +37,40 @@ class CheckpointTensors:
     model: ModelConfig
     step: int
     names: list[str]
-    _where: dict  # name -> (pp rank, local key)
-    _files: dict  # (tp, pp) -> state dict (memory-mapped)
-    tp: int
+    table: dict  # name -> {"shape", "dtype", "saved"} (meta.json's parameter table)
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(iter(self._files[(0, 0)].values())).dtype
+        return getattr(torch, next(iter(self.table.values()))["dtype"])
 
     def get(self, name: str) -> torch.Tensor:
-        pp, key = self._where[name]
-        shards = [self._files[(t, pp)][key] for t in range(self.tp)]
-        return params.unshard(shards, params.shard_spec(key, self.model.vision.gated_mlp), self.model.decoder.vocab_size)
+        rec = self.table[name]
+        if rec.get("saved", True):
+            return ckpt.read_full(self.path, [ckpt.MODEL + name])[ckpt.MODEL + name]
+        return self._from_source(name, rec)
+
+    def _from_source(self, name: str, rec: dict) -> torch.Tensor:
+        """A frozen tensor the checkpoint did not store (trainer.save_frozen=false): read from
+        model.pretrained, which must still be the source the run trained with."""
+        from mmtrain.models.hf import adapter_for, load_hf_config
+        from mmtrain.models.hf.common import read_shard
+
+        meta = ckpt.read_meta(self.path)
+        saved = meta.get("pretrained") or {}
+        src_dir = self.model.pretrained or saved.get("path")
+        if not src_dir or not Path(src_dir).is_dir():
+            raise PretrainedError(f"{self.path}: {name} is frozen and not stored; it comes from model.pretrained={src_dir}, which is not there")
+        now = ckpt.pretrained_fingerprint(src_dir)
+        if now["sha256"] != saved.get("sha256"):
+            raise PretrainedError(f"{self.path}: {name} is frozen and not stored, and model.pretrained={src_dir} changed since "
+                                  f"the run (sha256 {now['sha256']}, recorded {saved.get('sha256')})")
+        adapter = adapter_for(load_hf_config(src_dir).model_type)
+        with SafetensorsFolder(src_dir, adapter.normalize) as src:
+            full = read_shard(adapter.recipe(name, self.model), src, params.ShardSpec(None), 0, 1, tuple(rec["shape"]))
+        return full.to(getattr(torch, rec["dtype"]))
 
 
-def _model_config_from_fingerprint(flat: dict) -> ModelConfig:
+def _model_config_from_fingerprint(flat: dict, pretrained: Optional[str]) -> ModelConfig:
     from omegaconf import OmegaConf
 
     nested: dict = {}
@@ -63,40 +82,26 @@ def _model_config_from_fingerprint(flat: dict) -> ModelConfig:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
+    nested["pretrained"] = pretrained
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), nested))  # type: ignore[return-value]
 
 
 def checkpoint_tensors(path) -> CheckpointTensors:
-    """Full tensors of a training checkpoint by layout-independent name.
-
-    Reads today's format (mmtrain/train/checkpoint.py): `meta.json` (step, layout, config
-    fingerprint) and one `model_tp{t}_pp{p}.pt` per model-parallel rank (memory-mapped); the
-    decoder layers of stage p are renumbered to global indices and TP shards concatenated.
-    """
+    """Full tensors of a training checkpoint by layout-independent name (mmtrain/train/checkpoint.py
+    stores them so: any TP/PP it was saved at reads the same)."""
     path = Path(path)
-    meta = json.loads((path / "meta.json").read_text())
-    model = _model_config_from_fingerprint(meta["config"])
-    tp, pp = int(meta["layout"]["tp"]), int(meta["layout"]["pp"])
-    files, where = {}, {}
-    tied = model.decoder.tie_word_embeddings
-    for p in range(pp):
-        offset = params.decoder_layer_offset(model.decoder.num_layers, pp, p)
-        for t in range(tp):
-            f = path / f"model_tp{t}_pp{p}.pt"
-            if not f.is_file():
-                raise FileNotFoundError(f"{path}: {f.name} is missing (incomplete checkpoint)")
-            files[(t, p)] = torch.load(f, map_location="cpu", mmap=True, weights_only=False)["model"]
-        for key in files[(0, p)]:
-            if key.endswith("_extra_state"):
-                continue
-            name = params.global_name(key, offset, tied)
-            where.setdefault(name, (p, key))  # a tied LM head on the last stage repeats the embedding
-    return CheckpointTensors(path, model, int(meta["step"]), sorted(where), where, files, tp)
+    meta = ckpt.read_meta(path)
+    model = _model_config_from_fingerprint(meta["config"], (meta.get("pretrained") or {}).get("path"))
+    table = meta["params"]
+    return CheckpointTensors(path, model, int(meta["step"]), sorted(table), table)
 
 
 def resolve_checkpoint(path) -> Path:
     p = Path(path)
     if ckpt.is_complete(p):
+        reason = ckpt.validate(p)
+        if reason:
+            raise FileNotFoundError(f"{path}: {reason}")
         return p
     if p.is_dir():
         latest = ckpt.find_latest(p.parent if p.name == "checkpoints" else p)

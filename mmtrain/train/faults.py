@@ -10,6 +10,8 @@ Fault injection (tests only): `MMTRAIN_FAULT_INJECT` is a comma-separated list o
   nan_grad@K     the gradients of step K become NaN, the loss stays finite (every rank)
   inf_grad@K     one gradient of step K becomes +Inf on the last rank only
   kill_rankR@K   rank R dies (SIGKILL) in the middle of step K, after its backward pass
+  kill_save_rankR@K  rank R dies (SIGKILL) while writing checkpoint step_K (after its first tensor;
+                 in the background thread with trainer.async_save=true)
   sigterm@K      every rank sends itself SIGTERM in the middle of step K (exercises preemption)
   sigterm_rankR@K  only rank R gets SIGTERM in step K
 Injections fire only in the first attempt (TORCHELASTIC_RESTART_COUNT unset or 0), so a
@@ -36,7 +38,7 @@ class NonFiniteError(RuntimeError):
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str  # nan_loss | nan_grad | inf_grad | kill | sigterm
+    kind: str  # nan_loss | nan_grad | inf_grad | kill | kill_save | sigterm
     step: int
     rank: int | None = None
 
@@ -44,11 +46,13 @@ class Fault:
 def parse(spec: str) -> list[Fault]:
     out = []
     for item in filter(None, (x.strip() for x in spec.split(","))):
-        m = re.fullmatch(r"(nan_loss|nan_grad|inf_grad|kill_rank(\d+)|sigterm(?:_rank(\d+))?)@(\d+)", item)
+        m = re.fullmatch(r"(nan_loss|nan_grad|inf_grad|kill_rank(\d+)|sigterm(?:_rank(\d+))?|kill_save_rank(\d+))@(\d+)", item)
         if not m:
-            raise ValueError(f"{ENV}: cannot parse {item!r} (expected e.g. nan_loss@3, kill_rank1@4, sigterm@2)")
-        name, step = m.group(1), int(m.group(4))
-        if m.group(2) is not None:
+            raise ValueError(f"{ENV}: cannot parse {item!r} (expected e.g. nan_loss@3, kill_rank1@4, sigterm@2, kill_save_rank1@4)")
+        name, step = m.group(1), int(m.group(5))
+        if m.group(4) is not None:
+            out.append(Fault("kill_save", step, int(m.group(4))))
+        elif m.group(2) is not None:
             out.append(Fault("kill", step, int(m.group(2))))
         elif name.startswith("sigterm"):
             out.append(Fault("sigterm", step, int(m.group(3)) if m.group(3) is not None else None))
@@ -65,6 +69,10 @@ class FaultInjector:
 
     def _at(self, step: int, kind: str) -> list[Fault]:
         return [f for f in self.faults if f.step == step and f.kind == kind]
+
+    def kill_during_save(self, step: int) -> bool:
+        """Whether this rank is to die while writing checkpoint step_<step>."""
+        return any(f.rank == self.rank for f in self._at(step, "kill_save"))
 
     def after_backward(self, step: int, result: dict, model) -> None:
         """Called between backward and the optimizer step."""

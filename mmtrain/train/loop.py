@@ -24,20 +24,27 @@ from mmtrain.train.preemption import Preempted, PreemptionHandler
 from mmtrain.train.step import run_step
 
 
-def _resume(b: Built, src_fp: str) -> tuple[int, dict]:
-    """Load the checkpoint trainer.resume selects; (first step to run, saved counters)."""
+def _resume(b: Built, ck: ckpt.Checkpointer) -> tuple[int, dict]:
+    """Load the checkpoint trainer.resume selects, resharded to this run's layout; (first step to
+    run, saved counters)."""
     cfg, lay = b.cfg, b.layout
     if lay.rank == 0:
         ckpt.clean_partial(cfg.trainer.output_dir)
     dist.barrier()
-    path = ckpt.resolve_resume(cfg.trainer.resume, cfg.trainer.output_dir)
+    path = ckpt.choose_checkpoint(cfg.trainer.resume, cfg.trainer.output_dir, cfg.trainer.verify_checkpoint)
     if path is None:
         return 0, {}
-    meta = ckpt.load(b, path, src_fp)
+    meta = ckpt.read_meta(path)
+    ckpt.check_compatible(meta, cfg, ck.src_fp, path)
+    t0 = time.perf_counter()
+    ck.load(path, meta)
     b.data.load_state_dict(meta["data"])
     if lay.rank == 0:
-        log = logging.getLogger("mmtrain")
-        log.warning("resumed from %s at step %d (saved with DP=%d, now DP=%d)", path, meta["step"], meta["layout"]["dp"], lay.dp)
+        saved = meta["layout"]
+        logging.getLogger("mmtrain").warning(
+            "resumed from %s at step %d in %.2f s (saved at TP%d PP%d DP%d, now TP%d PP%d DP%d)", path, meta["step"],
+            time.perf_counter() - t0, saved["tp"], saved["pp"], saved["dp"], lay.tp, lay.pp, lay.dp,
+        )
         print(f"[mmtrain] resumed from {path} at step {meta['step']}", file=sys.stderr, flush=True)
     return int(meta["step"]), meta.get("counters", {})
 
@@ -52,6 +59,19 @@ def _attach_data_reports(b: Built, val, out_dir: Path) -> None:
         if report is not None:
             report.attach(out_dir / "data_report.jsonl", write_now=lay.rank == 0, append=k > 0,
                           append_later=lay.tp_rank == 0 and lay.is_first_stage)
+
+
+def _checkpoint_summary(saves: list[dict]) -> dict:
+    """Count, sizes and times of the checkpoints this run committed (rank 0's view)."""
+    if not saves:
+        return {"saves": 0}
+    return {
+        "saves": len(saves),
+        "last": saves[-1],
+        "max_save_s": max(c["save_s"] for c in saves),
+        "max_blocking_s": max(c["blocking_s"] for c in saves),
+        "bytes_written": sum(c["bytes"] for c in saves),
+    }
 
 
 def train(cfg: MMTrainConfig) -> dict:
@@ -73,16 +93,17 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
     is_rank0 = lay.rank == 0
     out_dir = Path(t.output_dir)
     src_fp = b.data.source_fingerprint()
+    injector = faults.FaultInjector(lay.rank, lay.world_size)
+    checkpointer = ckpt.Checkpointer(b, src_fp, injector)
     val = evaluate.validator(b)  # data.validation_source (every trainer.eval_interval steps, and last), or None
     _attach_data_reports(b, val, out_dir)
-    start, counters = _resume(b, src_fp)
+    start, counters = _resume(b, checkpointer)
     metrics_path = out_dir / "metrics.jsonl"
     history: list[dict] = _read_metrics(metrics_path, start) if (is_rank0 and start) else []
     if is_rank0 and start:  # one line per step: drop what the interrupted run logged after the checkpoint
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
     writer = MetricsWriter(metrics_path, is_rank0, append=bool(start))
-    injector = faults.FaultInjector(lay.rank, lay.world_size)
     bar = _progress(cfg, is_rank0)
     if bar is not None and start:
         bar.update(start)
@@ -99,18 +120,20 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
     bad_samples = int(counters.get("bad_samples", 0))
     skipped_samples = int(getattr(b.data.source, "skipped_samples", 0))
     data_counts = getattr(b.data.source, "data_counts", dict)()  # dropped / truncated when opened
-    last_saved = start if start else -1
+    saves: list[dict] = []
 
-    def save(done: int) -> None:
-        nonlocal last_saved
-        if done == last_saved:
-            return
+    def save(done: int, reason: str) -> None:
         extra = {
             "source_fingerprint": src_fp,
             "counters": {"skipped_steps": skipped_steps, "consecutive_nonfinite": consecutive, "bad_samples": bad_samples},
         }
-        ckpt.save(b, done, b.data.state_dict(), extra, t.keep_last)
-        last_saved = done
+        stats = checkpointer.save(done, b.data.state_dict(), extra, reason)
+        if stats is not None and reason != "preempt" and stats["blocking_s"] > t.preempt_save_budget_s and is_rank0:
+            runlog.info(
+                "warning: a blocking checkpoint save took %.1f s, more than trainer.preempt_save_budget_s=%.0f s: a "
+                "preemption save would likely be cut short (keep trainer.save_frozen=false, write to faster storage)",
+                stats["blocking_s"], t.preempt_save_budget_s,
+            )
 
     try:
         for step in range(start, t.max_steps):
@@ -171,34 +194,58 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
                 rec["sample_ids"] = [ids[i] for i in plan.sample_ids] if ids is not None else plan.sample_ids
             if not r["update_ok"]:
                 rec["skipped"] = True
+            done = step + 1
+            fatal = r["nonfinite"] and t.max_consecutive_nonfinite > 0 and consecutive >= t.max_consecutive_nonfinite
+            signame = preempt.should_stop(lay.device)
+            stop = signame is not None and done < t.max_steps
+            reason = None
+            if fatal:
+                pass  # no checkpoint of a run that stops on NaN/Inf: resume from the last good one
+            elif stop:
+                reason = "preempt"
+            elif done == t.max_steps and (t.save_final or t.save_interval > 0):
+                reason = "final"
+            elif t.save_interval > 0 and done % t.save_interval == 0:
+                reason = "interval"
+            if reason:
+                save(done, reason)
+            checkpointer.poll()
+            committed = checkpointer.drain()
+            saves += committed
+            if committed:
+                rec["checkpoint"] = committed[-1] if len(committed) == 1 else committed
+            if stop and committed:
+                c = committed[-1]
+                c["budget_s"] = t.preempt_save_budget_s
+                c["within_budget"] = c["save_s"] <= t.preempt_save_budget_s
             history.append(rec)
             writer.write(rec)
             runlog.step(rec)
             if bar is not None:
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", ms_per_sample=f"{rec['time_per_sample_ms']:.1f}")
                 bar.update(1)
-            if r["nonfinite"] and t.max_consecutive_nonfinite > 0 and consecutive >= t.max_consecutive_nonfinite:
+            if fatal:
                 raise faults.NonFiniteError(
                     f"step {plan.step}: {consecutive} consecutive steps with a NaN/Inf loss or gradient "
                     f"(trainer.max_consecutive_nonfinite={t.max_consecutive_nonfinite}); stopping. The parameters "
                     f"are those before the first of these steps; lower trainer.lr, check the data of these steps "
                     f"(trainer.log_sample_ids=true), or resume from the last checkpoint."
                 )
-            done = step + 1
-            if t.save_interval > 0 and done % t.save_interval == 0:
-                save(done)
-            signame = preempt.should_stop(lay.device)
-            if signame is not None and done < t.max_steps:
-                save(done)
-                msg = (f"[mmtrain] {signame}: stopped after step {step}, checkpoint saved; "
+            if stop:
+                c = rec.get("checkpoint") or {}
+                if isinstance(c, list):
+                    c = c[-1]
+                took = (f"checkpoint step_{done:08d} saved in {c['save_s']:.2f} s ({c['bytes']} bytes; budget "
+                        f"{t.preempt_save_budget_s:g} s{'' if c['within_budget'] else ', EXCEEDED'})") if c else "checkpoint saved"
+                msg = (f"[mmtrain] {signame}: stopped after step {step}, {took}; "
                        f"exiting with code {t.exit_code_preempted} (requeue)")
                 if is_rank0:
                     print(msg, file=sys.stderr, flush=True)
                 runlog.to_file(msg)
                 writer.close()
                 raise Preempted(t.exit_code_preempted, done, signame)
-        if (t.save_final or t.save_interval > 0) and t.max_steps > start:
-            save(t.max_steps)
+        checkpointer.wait()
+        saves += checkpointer.drain()
         summary = summarize(cfg, lay, history)
         summary.update(
             skipped_steps=skipped_steps,
@@ -206,6 +253,7 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
             bad_samples=bad_samples,
             resumed_from_step=start,
             **{k: v for k, v in data_counts.items() if k != "skipped_samples"},
+            checkpoints=_checkpoint_summary(saves),
         )
         vals = [h["val_loss"] for h in history if "val_loss" in h]
         if vals:

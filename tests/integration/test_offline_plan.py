@@ -48,7 +48,13 @@ def test_training_follows_the_plan_and_resumes_exactly(plan, tmp_path):
     cut = tmp_path / "cut"
     proc = run([*common, f"trainer.output_dir={cut}"], env={"MMTRAIN_FAULT_INJECT": "sigterm@2"}, check=False)
     assert proc.returncode == 75, proc.stderr[-3000:]
-    run([*common, f"trainer.output_dir={cut}", "trainer.resume=auto"])
+    kept = (cut / "metrics.jsonl").read_text().splitlines()
+    proc = run([*common, f"trainer.output_dir={cut}", "trainer.resume=auto"])
+    assert "at step 3" in proc.stderr and json.loads((cut / "summary.json").read_text())["resumed_from_step"] == 3
+    assert (cut / "metrics.jsonl").read_text().splitlines()[:3] == kept[:3], "steps before the resume were run again"
+    from mmtrain.train import checkpoint as ck
+
+    assert ck.digests(cut / "checkpoints" / "step_00000005") == ck.digests(ref / "checkpoints" / "step_00000005")
     resumed = metrics(cut)
     assert [r["sample_ids"] for r in resumed] == [r["sample_ids"] for r in m]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in m], rel=1e-6)

@@ -118,8 +118,8 @@ SABOTAGES: list[Sabotage] = [
         name="no_final_checkpoint",
         claim="a run ends with a checkpoint by default (trainer.save_final)",
         file="mmtrain/train/loop.py",
-        anchor="        if (t.save_final or t.save_interval > 0) and t.max_steps > start:",
-        replacement="        if t.save_interval > 0 and t.max_steps > start:",
+        anchor="            elif done == t.max_steps and (t.save_final or t.save_interval > 0):",
+        replacement="            elif done == t.max_steps and t.save_interval > 0:",
         tests=("tests/integration/test_hf_models.py::test_a_run_ends_with_a_checkpoint_that_exports",),
     ),
     Sabotage(
@@ -397,4 +397,76 @@ SABOTAGES: list[Sabotage] = [
         replacement="            if False:",
         tests=("tests/integration/test_hf_text.py::test_train_export_then_transformers_equals_our_eval",),
     ),
+    Sabotage(
+        name="resume_silently_from_step_0",
+        claim="a resumed run continues from its checkpoint (it says which step, keeps the lines before it, ends in the uninterrupted run's state)",
+        file="mmtrain/train/loop.py",
+        anchor="    path = ckpt.choose_checkpoint(cfg.trainer.resume, cfg.trainer.output_dir, cfg.trainer.verify_checkpoint)\n",
+        replacement="    path = None\n",
+        tests=(
+            "tests/integration/reliability/test_reliability.py::test_unpacked_resume_is_exact",
+            "tests/integration/reliability/test_distributed_optimizer.py",
+            "tests/integration/test_offline_plan.py::test_training_follows_the_plan_and_resumes_exactly",
+            "tests/integration/reliability/test_resharding.py::test_single_process_checkpoint_resumes_at_tp2_and_pp2",
+        ),
+    ),
+    Sabotage(
+        name="resharded_optimizer_state_in_the_wrong_shard",
+        claim="optimizer state loads into this rank's own piece of each full tensor at any TP / PP / DP and optimizer sharding",
+        file="mmtrain/train/checkpoint.py",
+        anchor="        entries += self.optimizer_entries()\n",
+        replacement="        entries += [shards.Entry(e.fqn, e.global_shape, (0,) + e.offsets[1:] if e.offsets else e.offsets, e.tensor) for e in self.optimizer_entries()]\n",
+        tests=(
+            "tests/integration/reliability/test_resharding.py::test_single_process_checkpoint_resumes_at_tp2_and_pp2",
+            "tests/integration/reliability/test_resharding.py::test_dp1_to_dp2_distributed_optimizer_and_back_to_dp1",
+            "tests/integration/reliability/test_distributed_optimizer.py",
+        ),
+    ),
+    Sabotage(
+        name="partial_checkpoint_picked_by_auto",
+        claim="resume=auto never uses a partial or corrupt checkpoint: it skips it, naming it, for the previous one",
+        file="mmtrain/train/checkpoint.py",
+        anchor=(
+            "        reason = validate(Path(cand)) if rank == 0 else None\n        reason = _broadcast_object(reason)\n"
+            "        if reason is None and verify:\n            reason = verify_checksums(Path(cand), read_meta(Path(cand)))\n"
+        ),
+        replacement="        reason = None\n",
+        tests=(
+            "tests/integration/reliability/test_reliability.py::test_auto_resume_skips_partial_and_corrupt_checkpoints",
+            "tests/integration/reliability/test_reliability.py::test_validate_names_what_is_wrong",
+        ),
+    ),
+    Sabotage(
+        name="frozen_pretrained_source_not_verified",
+        claim="frozen weights left out of a checkpoint must come from the unchanged model.pretrained (fingerprint checked on resume)",
+        file="mmtrain/train/checkpoint.py",
+        anchor='        if saved.get("sha256") != self.pretrained["sha256"]:',
+        replacement="        if False:",
+        tests=("tests/integration/reliability/test_frozen_pretrained.py::test_a_changed_source_is_refused_unless_frozen_weights_were_saved",),
+    ),
+    Sabotage(
+        name="row_parallel_shard_at_the_wrong_offset",
+        claim="a TP shard is stored at its place in the full tensor (row-parallel weights split on dim 1)",
+        file="mmtrain/train/ckpt_shards.py",
+        anchor="    offs[spec.dim] = tp_rank * local_shape[spec.dim]",
+        replacement="    offs[0] = tp_rank * local_shape[spec.dim]",
+        tests=("tests/unit/train/test_checkpoint_shards.py",),
+    ),
+    Sabotage(
+        name="keep_last_ignored",
+        claim="only the newest trainer.keep_last checkpoints are kept",
+        file="mmtrain/train/checkpoint.py",
+        anchor="                prune(self.cfg.trainer.output_dir, self.keep_last)",
+        replacement="                pass",
+        tests=("tests/integration/reliability/test_reliability.py::test_keep_last_and_complete_checkpoints",),
+    ),
+    Sabotage(
+        name="fixed_rendezvous_port_for_every_job",
+        claim="the Slurm job's c10d port comes from its job id (two jobs on one node do not collide)",
+        file="mmtrain/launch/slurm.py",
+        anchor='        master_port=(str(args.master_port) if args.master_port else "$(( 20000 + SLURM_JOB_ID % 10000 ))"),',
+        replacement='        master_port=(str(args.master_port) if args.master_port else "29500"),',
+        tests=("tests/integration/launch/test_slurm.py::test_dry_run_resources_port_python_and_workdir",),
+    ),
+
 ]

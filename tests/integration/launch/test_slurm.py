@@ -1,5 +1,10 @@
 """mmtrain.launch.slurm: the generated script (dry run) and, on a real local Slurm, the DP4 CPU smoke
-recipe submitted end to end plus a preemption -> exit 75 -> requeue -> finish round trip."""
+recipe submitted end to end plus a preemption -> exit 75 -> requeue -> finish round trip.
+
+The requeue round trip releases Slurm's requeue hold (BeginTime ~2 min) itself, but only a few
+seconds after the requeue: a job started again within the same second as its requeue gets its new
+credential refused by slurmd ("Job credential revoked") and ends FAILED. Any terminal state other
+than COMPLETED fails the test at once with slurmctld's and slurmd's logs."""
 
 from __future__ import annotations
 
@@ -47,6 +52,27 @@ def test_dry_run_cpu_script_requests_no_gpus():
     assert "--gpus-per-node" not in res.stdout and "--nproc-per-node 4" in res.stdout
 
 
+def test_dry_run_resources_port_python_and_workdir():
+    res = _slurm(["--recipe", "h20_4gpu_dp4", "--nodes", "2", "--exclusive", "--cpus-per-task", "16", "--mem", "0",
+                  "--venv", ".venv", "--workdir", "/shared/mmtrain", "--dry-run", "model=tiny", "cluster=cpu"])
+    assert res.returncode == 0, res.stderr
+    s = res.stdout
+    for line in ("#SBATCH --exclusive", "#SBATCH --cpus-per-task=16", "#SBATCH --mem=0", "#SBATCH --nodes=2"):
+        assert line in s
+    assert "MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 10000 ))" in s  # per job: two jobs on a node do not collide
+    assert "cd /shared/mmtrain " in s and "PYTHON=${MMTRAIN_PYTHON:-.venv/bin/python}" in s
+    assert '"$PYTHON" -m mmtrain.launch.torchrun' in s and str(REPO) not in s.split("#SBATCH --output")[0]
+    assert '--nnodes "$SLURM_JOB_NUM_NODES"' in s and '--rdzv-id "$SLURM_JOB_ID"' in s
+    fixed = _slurm(["--recipe", "h20_4gpu_dp4", "--master-port", "29400", "--python", "/opt/py/bin/python3", "--dry-run"])
+    assert "MASTER_PORT=29400" in fixed.stdout and "PYTHON=${MMTRAIN_PYTHON:-/opt/py/bin/python3}" in fixed.stdout
+    both = _slurm(["--recipe", "h20_4gpu_dp4", "--python", "p", "--venv", "v", "--dry-run"])
+    assert both.returncode != 0 and "not both" in both.stderr
+    # the job's shell runs the script: it computes the port from the job id
+    port = subprocess.run(["bash", "-c", "SLURM_JOB_ID=123457; echo $(( 20000 + SLURM_JOB_ID % 10000 ))"],
+                          capture_output=True, text=True).stdout.strip()
+    assert port == "23457"
+
+
 def test_dry_run_rejects_bad_overrides():
     res = _slurm(["--recipe", "h20_4gpu_dp4", "--dry-run", "trainer.max_stepz=3"])
     assert res.returncode != 0 and "trainer.max_stepz" in res.stderr
@@ -80,6 +106,21 @@ def test_dp4_cpu_smoke_through_slurm(local_slurm, tmp_path):
     assert "[launch] worker exit codes: rank0=0 rank1=0 rank2=0 rank3=0" in logs
 
 
+BAD_END = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL", "OUT_OF_MEMORY", "DEADLINE", "PREEMPTED"}
+
+
+def _tail(path: Path, n: int = 60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.is_file() else f"({path} absent)"
+
+
+def _fail_with_logs(state: Path, out: Path, info: dict, why: str) -> None:
+    job_logs = "".join(p.read_text(errors="replace") for p in (out / "slurm").glob("*.out")) if (out / "slurm").exists() else ""
+    events = (out / "events.txt").read_text() if (out / "events.txt").exists() else ""
+    pytest.fail(f"{why}\njob: {info}\n--- slurmctld.log ---\n{_tail(state / 'log' / 'slurmctld.log')}\n"
+                f"--- slurmd.log ---\n{_tail(state / 'log' / 'slurmd.log', 30)}\n--- job output ---\n{job_logs[-3000:]}\n"
+                f"--- events ---\n{events}", pytrace=False)
+
+
 @pytest.mark.slurm
 @pytest.mark.multiproc
 def test_preemption_signal_requeues_and_finishes(local_slurm, tmp_path):
@@ -93,21 +134,35 @@ def test_preemption_signal_requeues_and_finishes(local_slurm, tmp_path):
     events = out / "events.txt"
     deadline = time.time() + 90
     while time.time() < deadline and (not events.exists() or events.read_text().count("ready") < 2):
+        info = _scontrol(job)
+        if info.get("JobState") in BAD_END:
+            _fail_with_logs(local_slurm, out, info, "the job ended before its ranks were ready")
         time.sleep(0.2)
-    assert events.exists() and events.read_text().count("ready") == 2, _scontrol(job)
+    if not events.exists() or events.read_text().count("ready") != 2:
+        _fail_with_logs(local_slurm, out, _scontrol(job), "the ranks never became ready")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-    # Slurm holds a requeued job back ~2 minutes (BeginTime); release it as soon as it is requeued.
+    # Release the requeued job from Slurm's hold (BeginTime, ~2 min), a few seconds after its requeue.
+    requeued_at = None
+    released = False
     deadline = time.time() + 120
     while time.time() < deadline:
         info = _scontrol(job)
-        if info.get("Restarts") == "1" and info.get("JobState") == "PENDING":
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
-        if info.get("Restarts") == "1" and info.get("JobState") == "COMPLETED":
-            break
+        state = info.get("JobState")
+        if state in BAD_END:
+            _fail_with_logs(local_slurm, out, info, f"the job ended {state} instead of being requeued and finishing")
+        if info.get("Restarts") == "1":
+            if state == "COMPLETED":
+                break
+            if state == "PENDING" and not released:
+                requeued_at = requeued_at or time.time()
+                if time.time() - requeued_at >= 3.0:
+                    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+                    released = True
         time.sleep(0.5)
     info = _scontrol(job)
+    if info.get("JobState") != "COMPLETED" or info.get("Restarts") != "1":
+        _fail_with_logs(local_slurm, out, info, "the requeued job did not complete within 120 s")
     text = events.read_text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, text)
     assert text.count("restart0 usr1") == 2 and text.count("restart1 done") == 2, text
     assert json.loads((out / "summary.json").read_text())["restart"] == 1
     log = "".join(p.read_text() for p in (out / "slurm").glob("*.out"))

@@ -86,3 +86,22 @@ def test_dp4_cpu_smoke_with_torchrun(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == summary["steps"] == 4
     assert all(x["time_per_sample_ms"] > 0 for x in lines)
+
+
+@pytest.mark.multiproc
+def test_two_nodes_meet_at_one_c10d_endpoint(tmp_path):
+    """Multi-node launch as on Slurm (one launcher per node, c10d rendezvous at the first node):
+    two launchers on this host join one endpoint and train DP2 together."""
+    from mmtest_utils import free_port
+
+    port = free_port()
+    args = ["--recipe", "h20_4gpu_dp4", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}",
+            "--rdzv-id", "two-nodes", "model=tiny", "cluster=cpu", f"trainer.output_dir={tmp_path}", "trainer.max_steps=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    procs = [subprocess.Popen(LAUNCH + args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    assert all("--rdzv-backend=c10d" in o and "--nnodes=2" in o for o in outs)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["world_size"], summary["dp"], summary["steps"]) == (2, 2, 2)

@@ -1,5 +1,7 @@
 """The distributed optimizer (megatron's GPU default) on CPU/gloo: same losses as the plain optimizer,
-and an exact resume through its gathered/scattered state (incl. torch Adam's per-param step)."""
+and an exact resume through its DP-sharded state (incl. torch Adam's per-param step): the resumed
+run names its step, keeps the lines before it, and ends with the same parameter and Adam-state
+digests as the uninterrupted run."""
 
 from __future__ import annotations
 
@@ -38,9 +40,18 @@ def test_distributed_optimizer_matches_and_resumes_exactly(tmp_path):
 
     cut = tmp_path / "cut"
     stopped = torchrun(cut, "parallel.use_distributed_optimizer=true", env={"MMTRAIN_FAULT_INJECT": "sigterm@2"})
-    assert stopped.returncode != 0 and (cut / "checkpoints").is_dir()
+    assert stopped.returncode != 0 and (cut / "checkpoints" / "step_00000003").is_dir()
+    kept = (cut / "metrics.jsonl").read_text().splitlines()
+    assert len(kept) == 3
     resumed = torchrun(cut, "parallel.use_distributed_optimizer=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 3" in resumed.stderr and json.loads((cut / "summary.json").read_text())["resumed_from_step"] == 3
+    assert (cut / "metrics.jsonl").read_text().splitlines()[:3] == kept, "steps before the resume were run again"
     c = metrics(cut)
     assert [r["sample_ids"] for r in c] == [r["sample_ids"] for r in b]
     assert [r["loss"] for r in c] == [r["loss"] for r in b]  # bit-identical after the resume
+    from mmtrain.train import checkpoint as ck
+
+    final = [d / "checkpoints" / "step_00000005" for d in (cut, tmp_path / "ref")]
+    got, want = ck.digests(final[0]), ck.digests(final[1])
+    assert any(k.endswith("/exp_avg_sq") for k in want) and got == want
