@@ -1,8 +1,11 @@
-"""The seed's synthetic 1-20-tile data: deterministic per (seed, sample index), no files.
+"""The one synthetic generator: sample shapes (the seed's 1-20-tile distribution) and content,
+deterministic per (seed, sample index), no files. `synthetic:N` in `mmtrain analyze`,
+`mmtrain simulate` / `pack`, `data=synthetic_tiles` in training and the tests all read it.
 
 Each sample is an image of `tiles` fixed-size tiles followed by text. The text is a learnable
 sequence (an arithmetic progression modulo the vocabulary whose stride is encoded in the image), so a
-few training steps measurably lower the loss.
+few training steps measurably lower the loss. `text_ids` / `tile_pixels` make the same content for
+any shape, so a length table (`data=lengths`) trains on synthetic content of its real lengths.
 """
 
 from __future__ import annotations
@@ -72,27 +75,36 @@ def sample_shapes(spec: SyntheticTilesSpec) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def sample_text(spec: SyntheticTilesSpec, index: int, vocab_size: int) -> tuple[np.ndarray, int]:
-    """Text token ids and the stride that generated them (the image encodes the stride)."""
-    shape = sample_shape(spec, index)
-    rng = _rng(spec, index, 1)
+def text_ids(seed: int, index: int, length: int, vocab_size: int) -> tuple[np.ndarray, int]:
+    """`length` text token ids of sample `index` and the stride that generated them."""
+    rng = np.random.default_rng([seed, index, 1])
     span = vocab_size - FIRST_TEXT_ID
     if span < NUM_STRIDES + 1:
         raise ValueError(f"vocab_size {vocab_size} too small for synthetic text")
     stride = int(rng.integers(1, NUM_STRIDES + 1))
     start = int(rng.integers(0, span))
-    text = FIRST_TEXT_ID + (start + stride * np.arange(shape.text_tokens)) % span
+    text = FIRST_TEXT_ID + (start + stride * np.arange(length)) % span
     return text.astype(np.int64), stride
 
 
-def sample_pixels(spec: SyntheticTilesSpec, index: int, image_size: int, channels: int = 3) -> np.ndarray:
+def tile_pixels(seed: int, index: int, tiles: int, stride: int, image_size: int, channels: int = 3) -> np.ndarray:
     """float32 [tiles, C, H, W]: noise plus a per-stride brightness so the stride is learnable."""
-    shape = sample_shape(spec, index)
-    _, stride = sample_text(spec, index, vocab_size=FIRST_TEXT_ID + 1024)
-    rng = _rng(spec, index, 2)
-    pixels = rng.standard_normal((shape.tiles, channels, image_size, image_size), dtype=np.float32) * 0.1
+    rng = np.random.default_rng([seed, index, 2])
+    pixels = rng.standard_normal((tiles, channels, image_size, image_size), dtype=np.float32) * 0.1
     pixels += np.float32(stride / NUM_STRIDES - 0.5)
     return pixels
+
+
+def sample_text(spec: SyntheticTilesSpec, index: int, vocab_size: int) -> tuple[np.ndarray, int]:
+    """Text token ids and the stride that generated them (the image encodes the stride)."""
+    return text_ids(spec.seed, index, sample_shape(spec, index).text_tokens, vocab_size)
+
+
+def sample_pixels(spec: SyntheticTilesSpec, index: int, image_size: int, channels: int = 3) -> np.ndarray:
+    """float32 [tiles, C, H, W] of sample `index`."""
+    shape = sample_shape(spec, index)
+    _, stride = sample_text(spec, index, vocab_size=FIRST_TEXT_ID + 1024)
+    return tile_pixels(spec.seed, index, shape.tiles, stride, image_size, channels)
 
 
 def length_table_columns(spec: SyntheticTilesSpec, tokens_per_tile: int) -> dict[str, np.ndarray]:
