@@ -85,7 +85,7 @@ def _table(cfg, source: str):
 
 def main(argv: list[str]) -> int:
     from mmtrain.packing.plan_file import write_plan
-    from mmtrain.packing.policy import plan_packs
+    from mmtrain.packing.policy import pack_samples
     from mmtrain.steps.from_config import split_source, tool_config
 
     args = _parser().parse_intermixed_args(argv)
@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
         cfg = tool_config(source, overrides, _flags(args))
         ids, tiles, lengths, text, fp = _table(cfg, source)
         p = cfg.packing
-        result = plan_packs(
+        result = pack_samples(
             lengths, p.seq_length, algorithm=p.algorithm, buffer_size=args.buffer_size, tiles=tiles,
             max_tiles_per_pack=p.max_tiles_per_pack, segment_align=max(p.segment_align, 1),
             pack_align=max(p.align, 1), oversize_policy=p.oversize_policy, text_tokens=text, seed=args.seed,
