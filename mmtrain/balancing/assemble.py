@@ -202,18 +202,24 @@ def assemble(
     vision_weight: float = 0.25,
     seed: int = 0,
 ) -> list[StepLayout]:
-    """The whole chain over a pack list: windows of `window` packs (rounded up to whole steps;
-    None = one window), `form_steps` in each, `layout_step` of each step. Make the pack count a
-    multiple of packs_per_step first (`complete_steps`); otherwise the last step is short."""
+    """The whole chain over a pack list, as training runs it window by window: windows of `window`
+    packs (rounded up to whole steps; None = one window) plus what the previous window deferred,
+    `form_steps` in each (the last defers nothing), `layout_step` of each step. Make the pack
+    count a multiple of packs_per_step first (`complete_steps`); otherwise the last step is short."""
     c = np.asarray(pack_costs, dtype=np.float64)
     t = None if pack_tiles is None else np.asarray(pack_tiles, dtype=np.float64)
     validate_shape(packs_per_step, dp, micro_batch_size)
     n = c.size
     win = n if window is None else max(packs_per_step, -(-int(window) // packs_per_step) * packs_per_step)
     out: list[StepLayout] = []
+    pending: list[int] = []  # deferred by the previous window
     for k, w0 in enumerate(range(0, n, max(win, 1))):
-        idx = np.arange(w0, min(n, w0 + win))
-        for st in form_steps(c[idx], packs_per_step, strategy, seed=[seed, k])[0]:
+        idx = np.asarray(pending + list(range(w0, min(n, w0 + win))), dtype=np.int64)
+        last = w0 + win >= n
+        steps, deferred = form_steps(c[idx], packs_per_step, strategy, seed=[seed, k],
+                                     max_defer=0 if last else idx.size % packs_per_step + 2 * packs_per_step)
+        pending = [int(idx[i]) for i in deferred]
+        for st in steps:
             packs = [int(idx[i]) for i in st]
             ranks = layout_step(c[packs], dp, micro_batch_size, strategy=strategy,
                                 pack_tiles=None if t is None else t[packs], num_stages=num_stages,

@@ -175,22 +175,22 @@ def packs_with(builder, pool: KeyPool, capacity: int, tb_max: int) -> tuple[int,
     times as the counts allow: O(patterns) builder calls, not O(items). Counts only: returns
     (number of packs, [(reps, [(key, start, m), ...])]); `materialize` turns it into packs."""
     npacks = 0
-    plan: list = []
+    packing: list = []
     while pool.keys:
         pat = builder(pool, capacity, tb_max)
         cnt = pool.cnt
         reps = min(cnt[k] // m for k, m in pat.items() if m > 0)
-        plan.append((reps, [(k, pool.consume(k, reps * m), m) for k, m in sorted(pat.items(), reverse=True) if m > 0]))
+        packing.append((reps, [(k, pool.consume(k, reps * m), m) for k, m in sorted(pat.items(), reverse=True) if m > 0]))
         npacks += reps
-    return npacks, plan
+    return npacks, packing
 
 
-def materialize(order: np.ndarray, plan: list) -> Packs:
+def materialize(order: np.ndarray, packing: list) -> Packs:
     packs: Packs = []
     # Buffer-size inputs (most patterns used once): list slices, much cheaper than one numpy slice
     # per column. Large inputs (few patterns, large reps): numpy blocks, no full tolist().
     ol = order.tolist() if len(order) <= 50_000 else None
-    for reps, cols in plan:
+    for reps, cols in packing:
         if reps == 1 and ol is None:
             packs.append([i for k, p, m in cols for i in order[p : p + m].tolist()])
             continue
@@ -316,7 +316,7 @@ def fast_ok(capacity: int, pool: KeyPool) -> bool:
 
 
 def pack_small(base: KeyPool, capacity: int, tb_max: int, use_extension: bool = True) -> tuple[int, list]:
-    """The buffer-size plan (SMALL_PACKING_BUILDERS): C extension when built, else pure Python."""
+    """The buffer-size packing (SMALL_PACKING_BUILDERS): C extension when built, else pure Python."""
     if use_extension and fast_ok(capacity, base):
         return _fastpack.pack_small(base.keys, [base.cnt[k] for k in base.keys],
                                     [base.ptr[k] for k in base.keys], capacity, tb_max, base.tmul)
@@ -324,18 +324,18 @@ def pack_small(base: KeyPool, capacity: int, tb_max: int, use_extension: bool = 
 
 
 def best_packing(builders, base: KeyPool, capacity: int, tb_max: int) -> tuple[int, list]:
-    """Pure-Python: the plan with fewest packs over `builders` (ties: earlier builder)."""
+    """Pure-Python: the packing with fewest packs over `builders` (ties: earlier builder)."""
     best = None
     for builder in builders:
-        cnt, plan = packs_with(builder, base.clone(), capacity, tb_max)
+        cnt, packing = packs_with(builder, base.clone(), capacity, tb_max)
         if best is None or cnt < best[0]:
-            best = (cnt, plan)
+            best = (cnt, packing)
     return best
 
 
 def exact_small(lengths, capacity, tiles=None, max_tiles_per_pack=None, seed=0) -> Packs:
     """Optimal packing of tiny inputs (n <= ~12) by DP over subsets: f(S) = 1 + min f(S \\ T) over
-    feasible packs T holding the lowest item of S. Used by `fill` below EXACT_MAX_ITEMS."""
+    feasible packs T holding the lowest item of S. Used by `fill` up to FillOptions.exact_max_items."""
     n = len(lengths)
     if n == 0:
         return []

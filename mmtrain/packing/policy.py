@@ -37,7 +37,7 @@ class PackResult:
         return [int(self.lengths[np.asarray(p, dtype=np.int64)].sum()) for p in self.packs]
 
     def lower_bound_packs(self) -> int:
-        """ceil(padded tokens / usable capacity): no plan can use fewer packs."""
+        """ceil(padded tokens / usable capacity): no packing can use fewer packs."""
         kept = np.ones(len(self.lengths), bool)
         kept[self.dropped] = False
         eff = align_up(self.lengths[kept], self.segment_align)
