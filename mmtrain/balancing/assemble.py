@@ -253,18 +253,19 @@ def complete_steps(
     target: float = 1.01,
 ) -> list[list[int]]:
     """The packs of an epoch's last window, made a multiple of `packs_per_step` (at least one step)
-    so no rank idles, with the cheapest packs evened out. (When even one sample per pack cannot
-    make that many packs, every sample gets its own pack and the last step stays short.)
+    so no rank idles, and evened out. (When even one sample per pack cannot make that many packs,
+    every sample gets its own pack and the last step stays short.)
 
-    The samples of the m cheapest packs are re-packed by LPT on sample cost into (k+1) x
-    packs_per_step packs under the capacity and tile limits, m chosen so that the count comes out
-    right, for the smallest k in 0, 1, 3, 7, ... whose new packs are within `target` max / mean cost
-    of each other (spreading a deficit over more packs keeps big samples from standing alone).
-    The new packs then fill whole steps among themselves: an under-filled tail pack never shares a
-    step with full ones. When the count is already right this is only done if it evens the pool
-    out. If no re-pack meets the capacity / tile limits, the packs holding most samples are split
-    in two until the count is right. `sample_lengths` must include segment alignment and
-    `capacity` pack alignment. Every sample stays exactly once."""
+    Candidates: the samples of m packs -- the cheapest (under-filled ones), or those holding most
+    samples (single long samples cannot make more packs) -- re-packed by LPT on sample cost, then
+    moves and swaps, into (k+1) x packs_per_step packs under the capacity and tile limits, with m
+    such that the count comes out right, for k = 0, 1, 3, 7, ... until the new packs are within
+    `target` max / mean cost of each other. The new packs fill whole steps among themselves, so an
+    under-filled tail pack need not share a step with full ones. Of the candidates (and, when the
+    count is already right, the packs as they are) the one whose window cuts into the most even
+    steps (`_cut_quality`) is kept. If no re-pack meets the limits, the packs holding most samples
+    are split in two until the count is right. `sample_lengths` must include segment alignment
+    and `capacity` pack alignment. Every sample stays exactly once."""
     p = packs_per_step
     packs = [list(q) for q in packs if len(q)]
     n_samples = sum(len(q) for q in packs)
@@ -274,25 +275,33 @@ def complete_steps(
     extra = want - len(packs)
     cost = [float(sum(sample_costs[i] for i in q)) for q in packs]
     by_cost = sorted(range(len(packs)), key=lambda k: (cost[k], k))
-    best: tuple[float, int, list[list[int]]] | None = None
-    k = 0
-    while want % p == 0:
-        m = (k + 1) * p - extra
-        if m > len(packs) or m < 1:
-            break
-        pool = by_cost[:m]
-        bins = _lpt_bins([i for c in pool for i in packs[c]], (k + 1) * p, sample_lengths, sample_costs, capacity,
-                         sample_tiles, max_tiles_per_pack)
-        if bins is not None:
-            ratio = _ratio([sum(float(sample_costs[i]) for i in b) for b in bins])
-            if best is None or ratio < best[0]:
-                best = (ratio, m, bins)
-            if ratio <= target:
+    # Two pools to take the m packs from: the cheapest (under-filled packs), and the ones holding
+    # most samples (the splittable ones: single long samples cannot make more packs). Among all
+    # candidates the one whose whole window cuts into the most even steps wins.
+    by_count = sorted(range(len(packs)), key=lambda k: (-len(packs[k]), cost[k], k))
+    best: tuple[float, list[list[int]]] | None = None
+    if not extra:
+        best = (_cut_quality(cost, p), packs)
+    for order in (by_cost, by_count):
+        k = 0
+        while want % p == 0:
+            m = (k + 1) * p - extra
+            if m > len(packs) or m < 1:
                 break
-        k = 2 * k + 1 if k else 1
-    if best is not None and (extra or best[0] < _ratio([cost[c] for c in by_cost[:best[1]]]) - 1e-9):
-        gone = set(by_cost[: best[1]])
-        return [q for c, q in enumerate(packs) if c not in gone] + best[2]
+            pool = order[:m]
+            bins = _lpt_bins([i for c in pool for i in packs[c]], (k + 1) * p, sample_lengths, sample_costs,
+                             capacity, sample_tiles, max_tiles_per_pack)
+            if bins is not None:
+                gone = set(pool)
+                cand = [q for c, q in enumerate(packs) if c not in gone] + bins
+                score = _cut_quality([float(sum(sample_costs[i] for i in q)) for q in cand], p)
+                if best is None or score < best[0] - 1e-12:
+                    best = (score, cand)
+                if _ratio([sum(float(sample_costs[i]) for i in b) for b in bins]) <= target:
+                    break
+            k = 2 * k + 1 if k else 1
+    if best is not None:
+        return best[1]
     if not extra:
         return packs
     # Split the pack with the most samples (ties: the costliest, then the first) until the count is right.
@@ -307,6 +316,18 @@ def complete_steps(
         for j, half in ((c, a), (len(packs) - 1, b)):
             heapq.heappush(heap, (-len(half), -float(sum(sample_costs[i] for i in half)), j))
     return packs
+
+
+def _cut_quality(costs: Sequence[float], p: int) -> float:
+    """Sum over the steps `form_steps` would cut (sorted, p at a time) of max / mean - 1 at one pack
+    per rank: how evenly a window of packs can run."""
+    x = np.sort(np.asarray(costs, dtype=np.float64))[::-1]
+    n = x.size // p * p
+    if n == 0:
+        return 0.0
+    g = x[:n].reshape(-1, p)
+    s = g.sum(axis=1)
+    return float(np.sum(np.where(s > 0, g[:, 0] * p / np.where(s > 0, s, 1.0) - 1.0, 0.0)))
 
 
 def _ratio(costs: Sequence[float]) -> float:

@@ -121,3 +121,62 @@ def length_table_columns(spec: SyntheticTilesSpec, tokens_per_tile: int) -> dict
         "image_tokens": tiles * np.int64(tokens_per_tile),
         "text_tokens": text,
     }
+
+
+# Length-table shapes that stress packing and balancing (tests, bench/balance_train_bench.py):
+# (tiles, text tokens) per sample, every sample fitting seq_length at tokens_per_tile per tile.
+STRESS_KINDS = ("uniform", "skewed", "bimodal", "all_long", "all_short", "near_seq", "text_only", "mixed_vlm")
+
+
+def stress_shapes(kind: str, n: int, seed: int, tokens_per_tile: int, seq_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tiles, text_tokens) of `n` samples of a named distribution:
+    uniform (1-20-tile-like, scaled to seq_length), skewed (geometric tiles, log-normal text),
+    bimodal (short text-only vs long many-tile samples), all_long (every sample > half a pack),
+    all_short (a few dozen tokens each), near_seq (5% of samples within 10 tokens of seq_length),
+    text_only (tiles = 0), mixed_vlm (real-table-like: 1-6 tiles, 10% text-only, long-tailed text)."""
+    if kind not in STRESS_KINDS:
+        raise ValueError(f"unknown stress distribution {kind!r}; choose from {STRESS_KINDS}")
+    rng = np.random.default_rng([seed, STRESS_KINDS.index(kind)])
+    t, L = tokens_per_tile, seq_length
+    max_tiles = max(1, (L * 5 // 8) // t)
+    if kind == "uniform":
+        tiles = rng.integers(1, max_tiles + 1, n)
+        text = rng.integers(16, max(17, L // 4), n)
+    elif kind == "skewed":
+        tiles = np.minimum(rng.geometric(0.35, n), max_tiles)
+        text = rng.lognormal(np.log(max(L / 10, 4)), 0.9, n).astype(np.int64) + 1
+    elif kind == "bimodal":
+        long = rng.random(n) < 0.4
+        tiles = np.where(long, rng.integers(max_tiles * 3 // 4, max_tiles + 1, n), 0)
+        text = np.where(long, rng.integers(8, max(9, L // 8), n), rng.integers(8, max(9, L // 10), n))
+    elif kind == "all_long":
+        tiles = rng.integers(max_tiles // 2, max_tiles + 1, n)
+        text = rng.integers(L // 2, L, n) - tiles * t
+    elif kind == "all_short":
+        tiles = rng.integers(0, 2, n)
+        text = rng.integers(4, max(5, L // 16), n)
+    elif kind == "near_seq":
+        tiles = rng.integers(0, max_tiles // 2 + 1, n)
+        text = rng.integers(16, max(17, L // 3), n)
+        near = rng.random(n) < 0.05
+        text[near] = L - tiles[near] * t - rng.integers(0, 10, int(near.sum()))
+    elif kind == "text_only":
+        tiles = np.zeros(n, np.int64)
+        text = rng.integers(1, L + 1, n)
+    else:  # mixed_vlm
+        tiles = rng.choice([1, 1, 2, 3, 4, 5, 5, 6], n)
+        tiles[rng.random(n) < 0.1] = 0
+        text = rng.lognormal(np.log(max(L / 6, 4)), 0.7, n).astype(np.int64) + 1
+    tiles = np.asarray(tiles, np.int64)
+    text = np.clip(np.asarray(text, np.int64), 1, None)
+    text = np.minimum(text, L - tiles * t)  # every sample fits a pack
+    return tiles, np.maximum(text, 1)
+
+
+def write_length_table(path, tiles, text_tokens, ids=None) -> None:
+    """A CSV length table (id, tiles, text_tokens), as `data=lengths` reads it."""
+    ids = [f"s{i}" for i in range(len(tiles))] if ids is None else ids
+    with open(path, "w") as f:
+        f.write("id,tiles,text_tokens\n")
+        for i, a, b in zip(ids, np.asarray(tiles).tolist(), np.asarray(text_tokens).tolist()):
+            f.write(f"{i},{a},{b}\n")
