@@ -263,8 +263,8 @@ def complete_steps(
     `target` max / mean cost of each other. The new packs fill whole steps among themselves, so an
     under-filled tail pack need not share a step with full ones. Of the candidates (and, when the
     count is already right, the packs as they are) the one whose window cuts into the most even
-    steps (`_cut_quality`) is kept. If no re-pack meets the limits, the packs holding most samples
-    are split in two until the count is right. `sample_lengths` must include segment alignment
+    steps (`_cut_quality`) is kept; the packs as they are, split to the count (the one holding
+    most samples first) and evened out by moves and swaps, are always a candidate. `sample_lengths` must include segment alignment
     and `capacity` pack alignment. Every sample stays exactly once."""
     p = packs_per_step
     packs = [list(q) for q in packs if len(q)]
@@ -289,33 +289,27 @@ def complete_steps(
             if m > len(packs) or m < 1:
                 break
             pool = order[:m]
-            bins = _lpt_bins([i for c in pool for i in packs[c]], (k + 1) * p, sample_lengths, sample_costs,
-                             capacity, sample_tiles, max_tiles_per_pack)
-            if bins is not None:
+            starts = [_lpt_bins([i for c in pool for i in packs[c]], (k + 1) * p, sample_lengths, sample_costs,
+                                capacity, sample_tiles, max_tiles_per_pack)]
+            split = _split_bins([packs[c] for c in pool], (k + 1) * p, sample_costs)
+            if split is not None:  # the packs as they are (split to the count), evened out
+                starts.append(_even_out(split, sample_lengths, sample_costs, capacity, sample_tiles, max_tiles_per_pack))
+            good = False
+            for bins in starts:
+                if bins is None:
+                    continue
                 gone = set(pool)
                 cand = [q for c, q in enumerate(packs) if c not in gone] + bins
                 score = _cut_quality([float(sum(sample_costs[i] for i in q)) for q in cand], p)
                 if best is None or score < best[0] - 1e-12:
                     best = (score, cand)
-                if _ratio([sum(float(sample_costs[i]) for i in b) for b in bins]) <= target:
-                    break
+                good = good or _ratio([sum(float(sample_costs[i]) for i in b) for b in bins]) <= target
+            if good:
+                break
             k = 2 * k + 1 if k else 1
     if best is not None:
         return best[1]
-    if not extra:
-        return packs
-    # Split the pack with the most samples (ties: the costliest, then the first) until the count is right.
-    heap = [(-len(q), -cost[c], c) for c, q in enumerate(packs)]
-    heapq.heapify(heap)
-    while len(packs) < want:
-        _, _, c = heapq.heappop(heap)
-        q = sorted(packs[c], key=lambda i: (-float(sample_costs[i]), i))
-        a, b = q[0::2], q[1::2]  # alternate by cost: halves of similar cost
-        packs[c] = a
-        packs.append(b)
-        for j, half in ((c, a), (len(packs) - 1, b)):
-            heapq.heappush(heap, (-len(half), -float(sum(sample_costs[i] for i in half)), j))
-    return packs
+    return packs if not extra else _split_bins(packs, want, sample_costs)  # a short last step
 
 
 def _cut_quality(costs: Sequence[float], p: int) -> float:
@@ -335,18 +329,17 @@ def _ratio(costs: Sequence[float]) -> float:
     return float(max(costs) / m) if m > 0 else 1.0
 
 
-def _lpt_bins(pool, nbins, lengths, costs, capacity, tiles, max_tiles, rounds: int = 200):
-    """LPT of `pool` samples into `nbins` non-empty bins under capacity / tile limits, then moves and
-    swaps between the costliest and the cheapest bin while that lowers the pair's max; or None."""
+def _lpt_bins(pool, nbins, lengths, costs, capacity, tiles, max_tiles):
+    """LPT of `pool` samples into `nbins` non-empty bins under the capacity / tile limits, evened
+    out (`_even_out`); None when LPT cannot place a sample."""
     if len(pool) < nbins:
         return None
     order = sorted(pool, key=lambda i: (-float(costs[i]), i))
     heap = [(0.0, b) for b in range(nbins)]  # (cost, bin): least-loaded first
     bins: list[list[int]] = [[] for _ in range(nbins)]
-    tok, til, load = [0] * nbins, [0] * nbins, [0.0] * nbins
-    tl = (lambda i: int(tiles[i])) if tiles is not None else (lambda i: 0)
+    tok, til = [0] * nbins, [0] * nbins
     for i in order:
-        n, t = int(lengths[i]), tl(i)
+        n, t = int(lengths[i]), int(tiles[i]) if tiles is not None else 0
         skipped = []
         while heap:
             c, b = heapq.heappop(heap)
@@ -354,7 +347,6 @@ def _lpt_bins(pool, nbins, lengths, costs, capacity, tiles, max_tiles, rounds: i
                 bins[b].append(i)
                 tok[b] += n
                 til[b] += t
-                load[b] += float(costs[i])
                 heapq.heappush(heap, (c + float(costs[i]), b))
                 break
             skipped.append((c, b))
@@ -364,34 +356,68 @@ def _lpt_bins(pool, nbins, lengths, costs, capacity, tiles, max_tiles, rounds: i
             heapq.heappush(heap, item)
     if not all(bins):
         return None
+    return _even_out(bins, lengths, costs, capacity, tiles, max_tiles)
+
+
+def _split_bins(packs, nbins, costs):
+    """`packs` split (the one holding most samples first) until there are `nbins`; None if too few samples."""
+    bins = [list(p) for p in packs]
+    if sum(len(b) for b in bins) < nbins:
+        return None
+    while len(bins) < nbins:
+        k = max(range(len(bins)), key=lambda j: (len(bins[j]), -j))
+        q = sorted(bins[k], key=lambda i: (-float(costs[i]), i))
+        bins[k], extra = q[0::2], q[1::2]
+        bins.append(extra)
+    return bins
+
+
+def _even_out(bins, lengths, costs, capacity, tiles, max_tiles, rounds: int = 300):
+    """Moves and swaps of single samples between two bins that lower the costlier one without
+    raising the other above it, always involving the costliest or the cheapest bin, while the
+    capacity / tile limits hold and no bin empties. Deterministic (ties by bin index)."""
+    bins = [sorted(b) for b in bins]
+    nb = len(bins)
+    tl = (lambda i: int(tiles[i])) if tiles is not None else (lambda i: 0)
+    tok = [sum(int(lengths[i]) for i in b) for b in bins]
+    til = [sum(tl(i) for i in b) for b in bins]
+    load = [sum(float(costs[i]) for i in b) for b in bins]
 
     def fits(b, add, drop):
         return (tok[b] + sum(int(lengths[i]) for i in add) - sum(int(lengths[i]) for i in drop) <= capacity
                 and (max_tiles is None or til[b] + sum(tl(i) for i in add) - sum(tl(i) for i in drop) <= max_tiles))
 
-    for _ in range(rounds):
-        hi = max(range(nbins), key=lambda b: (load[b], -b))
-        lo = min(range(nbins), key=lambda b: (load[b], b))
+    def best_exchange(hi, lo):
         gap = load[hi] - load[lo]
-        if gap <= 0:
-            break
         best = (0.0, None)
-        for a in bins[hi]:  # move a: hi -> lo
+        for a in bins[hi]:
             d = float(costs[a])
             if 0 < d < gap and len(bins[hi]) > 1 and fits(lo, [a], []):
                 gain = min(d, gap - d)
                 if gain > best[0] + 1e-12 * gap:
                     best = (gain, (a, None))
-            for b in bins[lo]:  # swap a <-> b
+            for b in bins[lo]:
                 d = float(costs[a]) - float(costs[b])
                 if 0 < d < gap and fits(lo, [a], [b]) and fits(hi, [b], [a]):
                     gain = min(d, gap - d)
                     if gain > best[0] + 1e-12 * gap:
                         best = (gain, (a, b))
-        if best[1] is None:
+        return best[1]
+
+    for _ in range(rounds):
+        by = sorted(range(nb), key=lambda b: (load[b], b))
+        lo, hi = by[0], by[-1]
+        if load[hi] - load[lo] <= 0:
             break
-        a, b = best[1]
-        for src, dst, i in ((hi, lo, a), (lo, hi, b)):
+        pairs = [(hi, lo)] + [(hi, b) for b in by[1:-1]] + [(b, lo) for b in reversed(by[1:-1])]
+        for h, l in pairs:
+            move = best_exchange(h, l)
+            if move is not None:
+                break
+        else:
+            break
+        a, b = move
+        for src, dst, i in ((h, l, a), (l, h, b)):
             if i is None:
                 continue
             bins[src].remove(i)

@@ -96,7 +96,7 @@ def calibrate(
     return cm, fit
 
 
-def fit_term_weights(terms: np.ndarray, seconds: np.ndarray, ridge: float = 1e-3) -> tuple[np.ndarray, float, float]:
+def fit_term_weights(terms: np.ndarray, seconds: np.ndarray, ridge: float = 1e-4) -> tuple[np.ndarray, float, float]:
     """Weights w (one per FLOP term, seconds per FLOP) and an intercept c with
     seconds ~ c + terms @ w, by least squares over the observations (one per rank and step).
 

@@ -11,7 +11,7 @@ import pytest
 
 from mmtest_utils import REPO
 
-SMALL = ["model=tiny", "data.num_samples=96", "data.max_tiles=4", "trainer.global_batch_size=8", "packing.buffer_size=8"]
+SMALL = ["model=tiny", "data.num_samples=96", "data.max_tiles=4", "trainer.global_batch_size=8"]
 
 
 def train(tmp_path, name: str, *overrides: str) -> list[dict]:
@@ -31,7 +31,9 @@ def test_thirty_steps_lower_the_loss(tmp_path):
 
 
 def test_cli_packed_and_unpacked_losses_agree(tmp_path):
-    packed = train(tmp_path, "p", "trainer.max_steps=4", "packing.enabled=true", "trainer.log_sample_ids=true")
+    """In the strict-equivalence mode a packed step holds exactly an unpacked step's samples."""
+    packed = train(tmp_path, "p", "trainer.max_steps=4", "packing.enabled=true", "packing.strict_equivalence=true",
+                   "trainer.log_sample_ids=true")
     unpacked = train(tmp_path, "u", "trainer.max_steps=4", "packing.enabled=false", "trainer.log_sample_ids=true")
     for p, u in zip(packed, unpacked):
         assert sorted(p["sample_ids"]) == sorted(u["sample_ids"])
@@ -44,7 +46,8 @@ def test_cli_packed_and_unpacked_losses_agree(tmp_path):
 
 @pytest.mark.parametrize(
     "override,message",
-    [("trainer.max_stepz=3", "max_stepz"), ("trainer.max_steps=abc", "max_steps"), ("recipe=no_such_recipe", "no_such_recipe")],
+    [("trainer.max_stepz=3", "max_stepz"), ("trainer.max_steps=abc", "max_steps"), ("recipe=no_such_recipe", "no_such_recipe"),
+     ("packing.max_images_per_pack=4", "packing.max_tiles_per_pack")],
 )
 def test_config_errors_name_the_key(override, message):
     from mmtrain.config import compose
@@ -62,7 +65,8 @@ def test_oversize_sample_is_an_error_naming_it(tmp_path):
 
 @pytest.mark.multiproc
 def test_torchrun_four_ranks_agree_with_one_process(tmp_path):
-    """Black-box: the same command under torchrun with 4 gloo ranks (DP4) gives the single-process losses."""
+    """Black-box: the same command under torchrun with 4 gloo ranks (DP4) gives the single-process
+    losses: a step's samples (8 packs) do not depend on the DP size, only where they run."""
     from mmtest_utils import torchrun
 
     single = train(tmp_path, "one", "trainer.max_steps=3")

@@ -75,7 +75,7 @@ def test_keep_last_and_complete_checkpoints(ref):
     assert names == ["step_00000009", "step_00000012"], names
     meta = ck.read_meta(out / "checkpoints" / "step_00000012")
     assert meta["step"] == STEPS and meta["layout"]["dp"] == 1
-    assert {"epoch", "cursor", "step", "pending", "packer"} <= set(meta["data"]["planner"])
+    assert {"epoch", "cursor", "step", "pending", "queue", "packer"} <= set(meta["data"]["steps"])
 
 
 def test_sigterm_midway_then_resume_is_exact(ref, tmp_path):
