@@ -43,8 +43,11 @@ class DataModule:
         return float(self.flop_model.tiled_costs(self.sample_lengths(step), self.sample_tiles(step)).sum())
 
     def rank_record_ids(self, step: Step) -> list[list[str]]:
-        """Record ids each DP rank runs in this step, in run order."""
+        """Record ids each DP rank runs in this step, in run order (as planned)."""
         return [[self._ids[i] for i in step.rank_samples(r)] for r in range(len(step.rank_micro_batches))]
+
+    def record_id(self, index: int) -> str:
+        return self._ids[index]
 
     def row_length(self) -> Optional[int]:
         p = self.cfg.packing

@@ -41,6 +41,16 @@ def _resume(b: Built, src_fp: str) -> tuple[int, dict]:
     return int(meta["step"]), meta.get("counters", {})
 
 
+def _ran(b: Built, local: list[int]) -> list[list[str]]:
+    """The record ids each DP rank ran this step (its first-stage, TP-rank-0 process's micro-batches),
+    gathered from the ranks themselves."""
+    lay = b.layout
+    got: list = [None] * lay.world_size
+    dist.all_gather_object(got, (lay.dp_rank, lay.tp_rank == 0 and lay.is_first_stage, local))
+    by_rank = {d: ids for d, first, ids in got if first}
+    return [[b.data.record_id(i) for i in by_rank[d]] for d in range(lay.dp)]
+
+
 def train(cfg: MMTrainConfig) -> dict:
     """Train (resuming per trainer.resume); raises Preempted (a SystemExit with
     trainer.exit_code_preempted) after SIGTERM/SIGUSR1 and faults.NonFiniteError after too many
@@ -158,7 +168,7 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
                 rec["mfu"] = useful / step_s / lay.world_size / peak
             if t.log_sample_ids:
                 rec["sample_ids"] = st.sample_ids
-                rec["rank_sample_ids"] = b.data.rank_record_ids(st)
+                rec["rank_sample_ids"] = _ran(b, r["sample_ids_local"])
             fit = b.data.observe(st, dp_s)
             if fit is not None:
                 rec["calibrated_cost_model"] = fit["cost_model"]

@@ -124,6 +124,7 @@ def run_step(b: Built, st, injector: Optional[faults.FaultInjector] = None) -> d
     bad = _mask_failed_samples(b, mbs)
     r = forward_backward(b, mbs, step=st.step)
     r["bad_samples_local"] = bad
+    r["sample_ids_local"] = [s for mb in mbs for s in mb.sample_ids]  # what this rank ran, in order
     if injector is not None:
         injector.after_backward(st.step, r, b.model)
     if not (math.isfinite(r["loss_sum"]) and faults.grads_finite(b.model, b.layout.device)):

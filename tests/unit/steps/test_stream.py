@@ -138,6 +138,33 @@ def test_more_packs_per_step_than_samples_still_gives_every_rank_work(tmp_path):
     assert sorted(st.sample_ids) == list(range(5)) and all(sum(map(len, r)) >= 1 for r in st.rank_micro_batches)
 
 
+def test_plan_steps_drive_the_stream(tmp_path):
+    """A plan from `mmtrain pack --dp 4 --micro-batches 2`: each step, each rank, the plan's packs
+    in the plan's micro-batch order (read straight from the file)."""
+    from collections import defaultdict
+
+    from mmtrain.steps.pack_cli import main as pack
+
+    table = _table(tmp_path, "skewed", 200)
+    plan = tmp_path / "plan.jsonl"
+    assert pack([str(table), "--dp", "4", "--micro-batches", "2", "--out", str(plan)]) == 0
+    want = defaultdict(list)
+    for d in sorted((json.loads(x) for x in plan.read_text().splitlines()),
+                    key=lambda d: (d["step"], d["rank"], d["micro_batch"], d["pack"])):
+        want[(d["step"], d["rank"])] += d["samples"]
+    steps = max(s for s, _ in want) + 1
+    cfg = _cfg(table, f"packing.plan={plan}")
+    s = _stream(cfg, dp=4)
+    ids = build_source(cfg, 16).ids
+    for _ in range(steps + 2):  # into the second epoch: the plan's steps again
+        st = s.next_step()
+        got = [[ids[i] for i in st.rank_samples(r)] for r in range(4)]
+        if st.step < steps:
+            assert got == [want[(st.step, r)] for r in range(4)]
+        else:
+            assert sorted(map(sorted, got)) in [sorted(sorted(want[(k, r)]) for r in range(4)) for k in range(steps)]
+
+
 def test_calibration_fits_uses_and_checkpoints_the_cost_model(tmp_path):
     cfg = _cfg(_table(tmp_path), "balancing.calibrate_steps=4")
     s = _stream(cfg, dp=4)
