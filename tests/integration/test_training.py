@@ -61,3 +61,16 @@ def test_oversize_sample_is_an_error_naming_it(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "sample" in proc.stderr and "seq_length" in proc.stderr
+
+
+def test_online_calibration_is_logged_and_used(tmp_path):
+    """balancing.calibrate_steps=2: after steps 1-2 (step 0 is warm-up) the cost model is fitted to the
+    run's own per-rank times, logged, written to the metrics line, and costs are in seconds after."""
+    m = train(tmp_path, "cal", "trainer.max_steps=4", "balancing.calibrate_steps=2", "trainer.log_interval=1")
+    fitted = [r for r in m if "calibrated_cost_model" in r]
+    assert [r["step"] for r in fitted] == [2]
+    cm = fitted[0]["calibrated_cost_model"]
+    assert cm["unit"] == "s" and cm["decoder_token"] > 0
+    flops = m[0]["predicted_rank_cost"][0]
+    assert m[3]["predicted_rank_cost"][0] < 1e-3 * flops  # seconds, not FLOPs, once calibrated
+    assert "cost model calibrated on 2 rank-steps" in (tmp_path / "cal" / "train.log").read_text()
