@@ -50,8 +50,9 @@ def build_source(cfg: MMTrainConfig, tokens_per_tile: int):
 
 
 def buffer_size(cfg: MMTrainConfig) -> int:
-    """Samples per online packer buffer: packing.buffer_size, else enough for two balancing windows
-    (and at least DEFAULT_BUFFER); under strict equivalence the step's samples."""
+    """Samples per online packer buffer: packing.buffer_size, else at least DEFAULT_BUFFER and at
+    least twice the packs of a balancing window (a window then takes whole buffers, which mix
+    every kind of pack the packer makes); under strict equivalence the step's samples."""
     p, t = cfg.packing, cfg.trainer
     if p.strict_equivalence:
         return t.global_batch_size
