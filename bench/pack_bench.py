@@ -21,7 +21,7 @@ from mmtrain.data.lengths import load_length_table
 from mmtrain.packing.algorithms import ALGORITHMS, DEFAULT_ALGORITHM
 from mmtrain.packing.bounds import best_lower_bound
 from mmtrain.packing.buffered import BufferedPacker
-from mmtrain.packing.policy import plan_packs
+from mmtrain.packing.policy import pack_samples
 
 
 def synthetic(n: int, seed: int = 0):
@@ -64,7 +64,7 @@ def main() -> None:
         best_lb = bounds[name]
         for buf, carry in modes:
             for alg in order:
-                r = plan_packs(lens, L, algorithm=alg, buffer_size=buf, carry_over=carry)
+                r = pack_samples(lens, L, algorithm=alg, buffer_size=buf, carry_over=carry)
                 s = r.summary()
                 print(f"| {name} | {alg} | {buf or 'offline'} | {carry if buf else '-'} | {s['packs']} | "
                       f"{s['lower_bound_packs']} | {best_lb} | {s['efficiency']:.4f} | {best_lb / s['packs']:.4f} | "
@@ -73,7 +73,7 @@ def main() -> None:
     lens, _ = synthetic(args.big, 1)
     print(f"\nspeed, synthetic {args.big:,} samples:")
     for alg in (DEFAULT_ALGORITHM, "greedy_knapsack", "ffd"):
-        r = plan_packs(lens, L, algorithm=alg)
+        r = pack_samples(lens, L, algorithm=alg)
         s = r.summary()
         print(f"  offline {alg}: {s['seconds']:.3f} s, packs {s['packs']}, lb {s['lower_bound_packs']}, eff {s['efficiency']:.4f}")
     n = 200_000

@@ -14,7 +14,7 @@ import numpy as np
 
 
 from mmtrain.packing.buffered import BufferedPacker  # noqa: E402
-from mmtrain.packing.policy import plan_packs  # noqa: E402
+from mmtrain.packing.policy import pack_samples  # noqa: E402
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
         times, res = [], None
         for _ in range(a.repeats):
             t0 = time.perf_counter()
-            res = plan_packs(lengths, 8192, algorithm=alg, tiles=tiles)
+            res = pack_samples(lengths, 8192, algorithm=alg, tiles=tiles)
             times.append(time.perf_counter() - t0)
         s = res.summary()
         print(f"offline {alg:16s} {a.offline_samples} samples: " + " / ".join(f"{t:.2f} s" for t in sorted(times))

@@ -6,7 +6,7 @@ Modes (same samples, same model weights, same optimizer; only the layout changes
   greedy    Megatron-LM's greedy knapsack, buffer 100
   packed    our default packer and balancer, buffer `--buffer`
 
-Prints, per mode: time per sample (ms), useful TFLOP/s (real tokens only, mmtrain/train/flops.py),
+Prints, per mode: time per sample (ms), useful TFLOP/s (real tokens only, mmtrain/balancing/cost.py),
 MFU (against --peak-tflops or the cluster / GPU peak), peak memory, padding fraction, and the speedup
 over `padded`. Runs on CPU too (use the tiny model there).
 
@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from mmtrain.config import compose  # noqa: E402
 from mmtrain.steps.datamodule import DataModule  # noqa: E402
 from mmtrain.train.build import build  # noqa: E402
-from mmtrain.train.metrics import peak_flops, useful_flops  # noqa: E402
+from mmtrain.train.metrics import peak_flops  # noqa: E402
 from mmtrain.train.step import forward_backward  # noqa: E402
 
 MODES = {
@@ -49,9 +49,9 @@ def run_mode(b, overrides: list[str], steps: int, warmup: int, peak: float) -> d
         torch.cuda.reset_peak_memory_stats()
     total_s = samples = useful = real = padded = 0.0
     for i in range(warmup + steps):
-        plan = dm.next_step()
+        st = dm.next_step()
         t0 = time.perf_counter()
-        mbs = list(dm.micro_batches(plan))
+        mbs = list(dm.micro_batches(st))
         forward_backward(b, mbs)
         b.optimizer.step()
         if lay.device.type == "cuda":
@@ -60,10 +60,10 @@ def run_mode(b, overrides: list[str], steps: int, warmup: int, peak: float) -> d
         if i < warmup:
             continue
         total_s += dt
-        samples += plan.num_samples
-        useful += useful_flops(dm, plan)
-        real += sum(plan.row_tokens)
-        padded += dm.padded_tokens(plan)
+        samples += st.num_samples
+        useful += dm.useful_flops(st)
+        real += sum(st.row_tokens)
+        padded += dm.padded_tokens(st)
     out = {
         "time_per_sample_ms": 1000 * total_s / samples,
         "useful_tflops_per_device": useful / total_s / 1e12 / lay.world_size,

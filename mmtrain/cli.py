@@ -10,10 +10,10 @@ import sys
 
 COMMANDS = {
     "analyze": ("mmtrain.analysis.stats", "main", "token statistics and histograms: what training sees (overrides) or a file"),
-    "pack": ("mmtrain.packing.cli", "main", "write a packing plan (PLAN.jsonl) for a length table"),
-    "simulate": ("mmtrain.steps.simulate_cli", "simulate_main", "straggler / bubble simulation per strategy"),
+    "pack": ("mmtrain.steps.pack_cli", "main", "write a plan file (PLAN.jsonl) for a length table, optionally per step and rank"),
+    "simulate": ("mmtrain.steps.simulate_cli", "simulate_main", "straggler / bubble / fill of the steps a training config runs"),
     "calibrate": ("mmtrain.balancing.calibrate", "main", "time a few shapes and fit cost-model coefficients"),
-    "lengths": ("mmtrain.steps.datamodule", "export_lengths_main", "write the training source's length table (for `pack`)"),
+    "lengths": ("mmtrain.steps.from_config", "export_lengths_main", "write the training source's length table (for `pack`)"),
     "plot": ("mmtrain.analysis.plot", "main", "PNGs of a run: loss, throughput, per-rank compute time, padding"),
     "compare": ("mmtrain.compare", "main", "train a recipe with packing off and on: the seed's table + a bar chart"),
     "export-hf": ("mmtrain.train.export_hf", "main", "write a transformers folder from a run's checkpoint"),

@@ -8,7 +8,9 @@ experiment table (Markdown + JSON) and a bar chart.
     mmtrain compare h20_1gpu --from-dirs RUN_OFF RUN_ON       # the table from two finished runs
 
 "Off" is `packing=disabled` (every sample padded to packing.seq_length, the seed's baseline), "on"
-is `packing=default` (our default algorithm); the other arguments are Hydra overrides given to both.
+is `packing=default` (our default algorithm; with --check-loss in the strict-equivalence mode, so
+that each packed step holds exactly the unpacked step's samples); the other arguments are Hydra
+overrides given to both.
 A recipe of more than one process runs through mmtrain.launch.torchrun. Runs go to
 <out>/packing_disabled and <out>/packing_enabled, the table to <out>/seed_table.{md,json} and the
 chart to <out>/compare.png (default <out>: outputs/compare/<recipe>/<cluster>). Every number in the
@@ -98,7 +100,7 @@ def to_markdown(table: dict) -> str:
         verdict = "agree" if table["losses_agree"] else "differ"
         lines += ["", f"Per-step losses packed vs unpacked {verdict} (largest relative difference {diff:.2e}, "
                       f"tolerance {LOSS_RTOL:g}). They agree when both runs see the same samples per step "
-                      "(packing.buffer_size = trainer.global_batch_size)."]
+                      "(packing.strict_equivalence=true, which --check-loss sets)."]
     return "\n".join(lines) + "\n"
 
 
@@ -147,7 +149,7 @@ def write_table(table: dict, out: Path) -> tuple[Path, Path]:
 
 
 def run_variant(recipe: str | None, overrides: list[str], variant_override: str, run_dir: Path, world: int) -> None:
-    args = ([f"recipe={recipe}"] if recipe else []) + [*overrides, variant_override, f"trainer.output_dir={run_dir}"]
+    args = ([f"recipe={recipe}"] if recipe else []) + [*overrides, *variant_override.split(), f"trainer.output_dir={run_dir}"]
     module = "mmtrain.launch.torchrun" if world > 1 else "mmtrain.train"
     cmd = [sys.executable, "-m", module, *args]
     print(f"[compare] {' '.join(cmd)}", flush=True)
@@ -186,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         dirs = []
         for name, override in VARIANTS:
             run_dir = (out / f"packing_{name}").resolve()
+            if args.check_loss and name == "enabled":
+                override += " packing.strict_equivalence=true"
             run_variant(recipe, overrides, override, run_dir, shape.world_size)
             dirs.append(run_dir)
     unpacked, packed = (load_summary(d) for d in dirs)

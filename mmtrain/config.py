@@ -59,6 +59,16 @@ def register_configs() -> None:
     cs.store(name="mmtrain_schema", node=MMTrainConfig)
 
 
+# Renamed keys: the old name stays in the schema only to fail naming the new one.
+RENAMED = {("packing", "max_images_per_pack"): "packing.max_tiles_per_pack"}
+
+
+def _check_renamed(out: MMTrainConfig) -> None:
+    for (group, old), new in RENAMED.items():
+        if getattr(getattr(out, group), old) is not None:
+            raise ValueError(f"{group}.{old} was renamed: use {new}")
+
+
 def to_config(cfg: Any) -> MMTrainConfig:
     """Turn a DictConfig (or None) into the typed dataclass, validating on the way. Under
     `model.architecture=pretrained` (model=hf) the model keys are filled from the checkpoint's
@@ -69,6 +79,7 @@ def to_config(cfg: Any) -> MMTrainConfig:
     if cfg is not None:
         base = OmegaConf.merge(base, cfg)
     out: MMTrainConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
+    _check_renamed(out)
     if out.model.architecture == "pretrained":
         from mmtrain.models.hf import resolve
 

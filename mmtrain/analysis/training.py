@@ -33,8 +33,8 @@ class TrainingView:
 def training_view(overrides: list[str]) -> TrainingView:
     """Open the training source as training does and return its per-sample token counts."""
     from mmtrain.config import compose
-    from mmtrain.models.vlm import tokens_per_tile
-    from mmtrain.steps.datamodule import build_source
+    from mmtrain.models.config import tokens_per_tile
+    from mmtrain.steps.from_config import build_source
 
     cfg = compose(overrides)
     tpt = tokens_per_tile(cfg.model)

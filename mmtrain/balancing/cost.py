@@ -1,145 +1,141 @@
-"""Cost of a sample / pack in one unit shared by vision and decoder work.
+"""The cost of a sample or pack: one formula for the balancer and for MFU's useful FLOPs.
 
-Balancing needs relative cost only, so the unit is free: FLOPs for the formula defaults, seconds
-after `mmtrain calibrate`. A sample of `L` decoder tokens (image + text) whose image is `tiles`
-tiles of `tokens_per_tile` ViT tokens costs
+A sample is a decoder segment of `L` tokens (image + text, after expansion) plus the images its
+vision encoder runs, each a ViT sequence of `n_i` tokens (a fixed-size tile today: patches + CLS;
+a native-resolution image later, with its own patch count). Its work has four terms:
 
-    dec_linear * L + dec_quadratic * L**2                       (GEMMs + causal attention, per segment)
-  + tiles * (vit_per_tile + vit_attn_per_tile)                  (tiled ViT: each tile attends to itself)
+    decoder_token     * L           GEMMs of every decoder layer and the LM head
+    decoder_attention * L**2        causal attention inside the segment
+    vision_token      * sum(n_i)    ViT GEMMs, patch embedding, projector
+    vision_attention  * sum(n_i**2) bidirectional attention inside each image
 
-Native-resolution images (one ViT sequence of `n` tokens per image) use the same two ViT
-coefficients scaled to `n / tokens_per_tile` tiles, the attention part quadratically.
-Packs are varlen: attention never crosses segments, so a pack costs the sum of its samples.
+Packs are varlen (attention never crosses segments or images), so a pack costs the sum of its
+samples. `CostModel.from_config` sets the four coefficients to the model's training FLOPs (what MFU
+counts); `mmtrain calibrate` and online calibration (`balancing.calibrate_steps`) rescale them to
+measured seconds. The balancer only needs relative costs, so the unit is free.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from mmtrain.models.config import tokens_per_tile
+__all__ = ["TERMS", "CostModel", "work_terms", "tiled_terms"]
 
-__all__ = ["CostModel"]
+TERMS = ("decoder_token", "decoder_attention", "vision_token", "vision_attention")
+
+
+def work_terms(decoder_lengths, vision_lengths: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """Per sample [L, L^2, sum n_i, sum n_i^2] (float64, shape [samples, 4]).
+
+    `vision_lengths[j]` lists the ViT sequence length of every image of sample j (empty for a
+    text-only sample); None = no images at all."""
+    L = np.asarray(decoder_lengths, dtype=np.float64).reshape(-1)
+    out = np.zeros((L.size, 4), dtype=np.float64)
+    out[:, 0], out[:, 1] = L, L * L
+    if vision_lengths is not None:
+        if len(vision_lengths) != L.size:
+            raise ValueError(f"vision_lengths has {len(vision_lengths)} samples, decoder_lengths {L.size}")
+        for j, imgs in enumerate(vision_lengths):
+            n = np.asarray(imgs, dtype=np.float64)
+            out[j, 2], out[j, 3] = n.sum(), (n * n).sum()
+    return out
+
+
+def tiled_terms(decoder_lengths, tiles, tile_length: int) -> np.ndarray:
+    """`work_terms` for samples whose images are `tiles[j]` fixed tiles of `tile_length` ViT tokens."""
+    L = np.asarray(decoder_lengths, dtype=np.float64).reshape(-1)
+    t = np.zeros_like(L) if tiles is None else np.asarray(tiles, dtype=np.float64).reshape(-1)
+    n = float(tile_length)
+    return np.stack([L, L * L, t * n, t * n * n], axis=1)
 
 
 @dataclass(frozen=True)
 class CostModel:
-    dec_linear: float = 29e9  # per decoder token
-    dec_quadratic: float = 0.5e6  # per (segment length)^2
-    vit_per_tile: float = 0.0  # ViT GEMMs + projector per tile (linear in tokens per tile)
-    vit_attn_per_tile: float = 0.0  # ViT attention per tile (quadratic in tokens per tile)
-    tokens_per_tile: int = 256
-    unit: str = "flop"  # "flop" for formula defaults, "s" after calibration
+    decoder_token: float = 29e9
+    decoder_attention: float = 0.5e6
+    vision_token: float = 0.0
+    vision_attention: float = 0.0
+    tile_length: int = 0  # ViT tokens of one fixed-size tile (0: no vision encoder)
+    unit: str = "flop"  # "flop" (the model's formulas) or "s" (calibrated)
 
     # ---- constructors ---------------------------------------------------------------------------
     @classmethod
     def default(cls) -> "CostModel":
-        """The anchors' decoder-only model: 29e9 * L + 0.5e6 * L^2 (the judged cost)."""
+        """The anchors' decoder-only cost, 29e9 * L + 0.5e6 * L^2 (a Mistral-7B-sized LM, frozen)."""
         return cls()
 
     @classmethod
-    def from_model_shape(
-        cls,
-        *,
-        num_layers: int,
-        hidden_size: int,
-        ffn_hidden_size: int,
-        num_attention_heads: int,
-        num_query_groups: int | None = None,
-        vocab_size: int = 0,
-        gated_mlp: bool = True,
-        vit_num_layers: int = 0,
-        vit_hidden_size: int = 0,
-        vit_ffn_hidden_size: int = 0,
-        tokens_per_tile: int = 256,
-        projector_ffn_hidden_size: int = 0,
-        train_lm: bool = True,
-        train_vit: bool = True,
-        train_projector: bool = True,
-    ) -> "CostModel":
-        """Training FLOPs per token from the model shape.
+    def from_config(cls, model_cfg) -> "CostModel":
+        """Training FLOPs of `mmtrain.config.ModelConfig` (duck-typed).
 
         A GEMM with W weights costs 2W per token forward, 2W for the input gradient (needed iff
         anything upstream trains) and 2W for the weight gradient (iff the part trains): frozen
-        parts skip weight-grad GEMMs, and a frozen ViT under a frozen projector does no backward.
-        Attention: forward 2 matmuls of 2*S^2*h (halved when causal); backward ~2x forward.
-        """
-        h, layers = hidden_size, num_layers
-        kv = num_query_groups or num_attention_heads
-        head_dim = h // num_attention_heads
-        attn_w = h * (h + 2 * kv * head_dim) + h * h  # QKV + output projection
-        mlp_w = (3 if gated_mlp else 2) * h * ffn_hidden_size
-        dec_w = layers * (attn_w + mlp_w) + h * vocab_size
-        vision_trains = train_vit or train_projector
-        dec_passes = 1 + (1 if (train_lm or vision_trains) else 0) + (1 if train_lm else 0)
-        dec_attn_passes = 1 + (2 if (train_lm or vision_trains) else 0)
-        dec_linear = 2.0 * dec_w * dec_passes
-        dec_quadratic = 2.0 * h * layers * dec_attn_passes  # causal: 4*S^2*h / 2 per layer forward
+        parts skip weight-gradient GEMMs, and a frozen ViT does no backward at all (pixels are
+        upstream of it). Attention forward: QK^T and PV, 2 * 2 * S^2 * heads * head_dim per layer
+        (halved when causal); backward twice the forward. Only the ViT blocks up to the feature
+        layer run; the projector runs on the image tokens the decoder receives."""
+        from mmtrain.models.config import head_dim, patches_per_tile, tokens_per_tile, vision_layers_used, vit_seq_length
 
-        vit_per_tile = vit_attn = 0.0
-        if vit_num_layers and vit_hidden_size:
-            hv, t = vit_hidden_size, tokens_per_tile
-            vit_w = vit_num_layers * (4 * hv * hv + 2 * hv * (vit_ffn_hidden_size or 4 * hv))
-            proj_w = (hv * projector_ffn_hidden_size + projector_ffn_hidden_size * h) if projector_ffn_hidden_size else hv * h
-            proj_passes = 1 + (1 if train_vit else 0) + (1 if train_projector else 0)
-            vit_passes = 1 + (1 if train_vit else 0) * 2  # upstream of the ViT is pixels: no input grad
-            vit_per_tile = 2.0 * t * (vit_w * vit_passes + proj_w * proj_passes)
-            vit_attn = 4.0 * t * t * hv * vit_num_layers * (3 if train_vit else 1)  # bidirectional
-        return cls(dec_linear, dec_quadratic, vit_per_tile, vit_attn, int(tokens_per_tile), "flop")
+        d, v, p = model_cfg.decoder, model_cfg.vision, model_cfg.projector
+        train_lm, train_vit = not model_cfg.freeze_lm, not model_cfg.freeze_vit
+        train_proj = not model_cfg.freeze_projector
+        hd, h = head_dim(model_cfg), d.hidden_size
+        a, g = d.num_attention_heads, d.num_query_groups
+        dec_w = d.num_layers * (h * (a + 2 * g) * hd + a * hd * h + 3 * h * d.ffn_hidden_size) + h * d.vocab_size
+        upstream = train_vit or train_proj
+        backward = train_lm or upstream
+        gemm_passes = 1 + int(backward) + int(train_lm)
+        attn_passes = 1 + 2 * int(backward)
+        decoder_token = 2.0 * dec_w * gemm_passes
+        decoder_attention = 2.0 * a * hd * d.num_layers * attn_passes  # causal: 4 S^2 a hd / 2
 
-    @classmethod
-    def from_config(cls, model_cfg) -> "CostModel":
-        """From `mmtrain.config.ModelConfig` (duck-typed: any object with the same attributes)."""
-        d, v = model_cfg.decoder, model_cfg.vision
-        tokens = tokens_per_tile(model_cfg)  # image tokens a tile puts in the decoder stream
-        return cls.from_model_shape(
-            num_layers=d.num_layers, hidden_size=d.hidden_size, ffn_hidden_size=d.ffn_hidden_size,
-            num_attention_heads=d.num_attention_heads, num_query_groups=d.num_query_groups,
-            vocab_size=d.vocab_size, vit_num_layers=v.num_layers, vit_hidden_size=v.hidden_size,
-            vit_ffn_hidden_size=v.ffn_hidden_size, tokens_per_tile=tokens,
-            projector_ffn_hidden_size=model_cfg.projector.ffn_hidden_size,
-            train_lm=not model_cfg.freeze_lm, train_vit=not model_cfg.freeze_vit,
-            train_projector=not model_cfg.freeze_projector,
-        )
+        n = vit_seq_length(model_cfg)  # ViT tokens of a tile
+        hv, layers = v.hidden_size, vision_layers_used(model_cfg)
+        vit_passes = 3 if train_vit else 1
+        per_token = 2.0 * layers * (4 * hv * hv + 2 * hv * v.ffn_hidden_size)
+        per_token += 2.0 * v.in_channels * v.patch_size**2 * hv * patches_per_tile(model_cfg) / n  # patch conv
+        proj_passes = 1 + int(train_vit) + int(train_proj)
+        proj = 2.0 * (hv * p.ffn_hidden_size + p.ffn_hidden_size * h) * tokens_per_tile(model_cfg) / n
+        vision_token = per_token * vit_passes + proj * proj_passes
+        vision_attention = 4.0 * hv * layers * vit_passes
+        return cls(decoder_token, decoder_attention, vision_token, vision_attention, int(n), "flop")
 
     # ---- costs ---------------------------------------------------------------------------------
-    def sample_cost(self, length: float, tiles: float = 0, image_tokens: float | None = None) -> float:
-        """One sample; pass `image_tokens` per image instead of tiles for native-resolution ViTs."""
-        return float(self.sample_costs(np.asarray([length]), np.asarray([tiles]),
-                                       None if image_tokens is None else np.asarray([image_tokens]))[0])
+    @property
+    def coefficients(self) -> np.ndarray:
+        return np.array([self.decoder_token, self.decoder_attention, self.vision_token, self.vision_attention])
 
-    def sample_costs(self, lengths, tiles=None, image_tokens=None) -> np.ndarray:
-        """Vectorised `sample_cost` (float64 array)."""
-        L = np.asarray(lengths, dtype=np.float64)
-        cost = self.dec_linear * L + self.dec_quadratic * L * L
-        if image_tokens is not None:  # native resolution: one ViT sequence per image
-            n = np.asarray(image_tokens, dtype=np.float64) / self.tokens_per_tile
-            cost = cost + self.vit_per_tile * n + self.vit_attn_per_tile * n * n
-        elif tiles is not None:
-            cost = cost + (self.vit_per_tile + self.vit_attn_per_tile) * np.asarray(tiles, dtype=np.float64)
-        return cost
+    def sample_costs(self, decoder_lengths, vision_lengths: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+        """Cost of each sample from its decoder length and the ViT length of each of its images."""
+        return work_terms(decoder_lengths, vision_lengths) @ self.coefficients
 
-    def vision_costs(self, tiles) -> np.ndarray:
-        """ViT part only (what the first pipeline stage / the ViT ranks carry)."""
-        return (self.vit_per_tile + self.vit_attn_per_tile) * np.asarray(tiles, dtype=np.float64)
+    def tiled_costs(self, decoder_lengths, tiles=None) -> np.ndarray:
+        """`sample_costs` for fixed-size tiles (`tiles[j]` tiles of `tile_length` ViT tokens)."""
+        return tiled_terms(decoder_lengths, tiles, self.tile_length) @ self.coefficients
+
+    def sample_cost(self, length: float, tiles: float = 0) -> float:
+        return float(self.tiled_costs([length], [tiles])[0])
 
     def pack_cost(self, lengths: Sequence[float], tiles: Sequence[float] | None = None) -> float:
         """A varlen pack: the sum of its segments (no cross-segment attention)."""
-        return float(self.sample_costs(lengths, tiles).sum())
-
-    def pack_costs(self, packs: Sequence[Sequence[int]], lengths, tiles=None) -> np.ndarray:
-        """Cost of each pack given sample indices per pack and per-sample arrays."""
-        per_sample = self.sample_costs(lengths, tiles)
-        return np.array([per_sample[np.asarray(p, dtype=np.int64)].sum() for p in packs], dtype=np.float64)
+        return float(self.tiled_costs(lengths, tiles).sum())
 
     def vision_fraction(self, lengths, tiles) -> float:
-        """Share of total cost spent in the ViT: the weight of tile balance against total cost."""
-        total = self.sample_costs(lengths, tiles).sum()
-        return float(self.vision_costs(tiles).sum() / total) if total > 0 else 0.0
+        """Share of the total cost spent in the vision encoder (the weight of tile balance)."""
+        terms = tiled_terms(lengths, tiles, self.tile_length) * self.coefficients
+        total = terms.sum()
+        return float(terms[:, 2:].sum() / total) if total > 0 else 0.0
+
+    def scaled(self, weights: Sequence[float], unit: str) -> "CostModel":
+        """Each term's coefficient times its weight (a calibration's result)."""
+        w = [float(x) for x in weights]
+        return replace(self, decoder_token=self.decoder_token * w[0], decoder_attention=self.decoder_attention * w[1],
+                       vision_token=self.vision_token * w[2], vision_attention=self.vision_attention * w[3], unit=unit)
 
     # ---- persistence ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -151,7 +147,8 @@ class CostModel:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown cost-model keys: {sorted(unknown)}")
+            raise ValueError(f"unknown cost-model keys {sorted(unknown)}; a cost model has {sorted(known)} "
+                             "(re-run `mmtrain calibrate` for a file written by an older version)")
         return cls(**d)
 
     def save(self, path: str | Path) -> None:

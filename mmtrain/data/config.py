@@ -8,18 +8,18 @@ from typing import Optional
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic_tiles"
+    name: str = "synthetic_tiles"  # synthetic_tiles | lengths | llava_json
     num_samples: int = 256
     min_tiles: int = 1
     max_tiles: int = 20
     tile_distribution: str = "uniform"  # uniform | geometric
     min_text_tokens: int = 16
     max_text_tokens: int = 128
-    seed: int = 1234  # data generation seed (independent of trainer.seed, which drives shuffling/init)
+    seed: int = 1234  # synthetic shapes and content (independent of trainer.seed, which drives shuffling/init)
     shuffle: bool = True
     # fail | skip: what a corrupt/missing sample does during training (skips are counted in metrics)
     bad_sample_policy: str = "fail"
-    source: Optional[str] = None  # path for file-backed sources (llava json, webdataset, length table)
+    source: Optional[str] = None  # path for file-backed sources (llava json, length table)
     image_root: Optional[str] = None
     # LLaVA JSON text: the tokenizer (a folder or tokenizer.json; None = model.pretrained's, else the
     # byte-level one), its chat template (None = the tokenizer's / processor's; a built-in name

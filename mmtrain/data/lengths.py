@@ -1,7 +1,8 @@
 """Per-sample length tables (CSV / Parquet / NPY): what packing and balancing need, no pixels.
 
-Columns: `image_tokens`, `text_tokens`, optional `tiles` (zeros if absent) and `id` (row number if
-absent). Integer ids are kept as int64; any other id column (e.g. "GCC_train_002582585") is kept as an
+Columns: `text_tokens`, and `image_tokens` or `tiles` or both; optional `id` (row number if absent).
+Without `image_tokens`, image tokens are tiles x `tokens_per_tile` (the caller's model); without
+`tiles`, tiles are zeros. Integer ids are kept as int64; any other id column (e.g. "GCC_train_002582585") is kept as an
 object array of str. CSV goes through pyarrow when installed (1M rows in well under a second), else a numpy
 fast path for plain integer CSV.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-REQUIRED = ("image_tokens", "text_tokens")
+REQUIRED = ("text_tokens",)
 
 
 @dataclass
@@ -23,6 +24,8 @@ class LengthTable:
     tiles: np.ndarray
     ids: np.ndarray
     source: str = ""
+    has_tiles: bool = True  # the table had a `tiles` column
+    has_image_tokens: bool = True  # the table had an `image_tokens` column
 
     def __len__(self) -> int:
         return len(self.text_tokens)
@@ -43,12 +46,13 @@ class LengthTable:
         return fingerprint(self.image_tokens, self.text_tokens, self.tiles)
 
 
-def _from_columns(cols: dict, path: Path) -> LengthTable:
+def _from_columns(cols: dict, path: Path, tokens_per_tile: int | None) -> LengthTable:
     missing = [c for c in REQUIRED if c not in cols]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {sorted(cols)} (need {list(REQUIRED)}, optional tiles, id)")
+    if missing or not ({"image_tokens", "tiles"} & set(cols)):
+        raise ValueError(f"{path}: found columns {sorted(cols)}; a length table needs text_tokens and image_tokens "
+                         "and/or tiles (optional id)")
     n = len(cols["text_tokens"])
-    arr = {k: _int_column(v, k, path) for k, v in cols.items() if k in (*REQUIRED, "tiles")}
+    arr = {k: _int_column(v, k, path) for k, v in cols.items() if k in ("image_tokens", "text_tokens", "tiles")}
     if "id" in cols:
         arr["id"] = _id_column(cols["id"])
     for k, a in arr.items():
@@ -58,7 +62,13 @@ def _from_columns(cols: dict, path: Path) -> LengthTable:
             raise ValueError(f"{path}: column {k} has a negative value at row {int(np.argmin(a))}")
     tiles = arr.get("tiles", np.zeros(n, np.int64))
     ids = arr.get("id", np.arange(n, dtype=np.int64))
-    return LengthTable(arr["image_tokens"], arr["text_tokens"], tiles, ids, str(path))
+    image = arr.get("image_tokens")
+    if image is None:
+        if tokens_per_tile is None:
+            raise ValueError(f"{path}: no image_tokens column; image tokens are tiles x tokens per tile, which the "
+                             "model decides (pass the training config's model, e.g. model=tiny)")
+        image = tiles * np.int64(tokens_per_tile)
+    return LengthTable(image, arr["text_tokens"], tiles, ids, str(path), "tiles" in arr, "image_tokens" in arr)
 
 
 def _int_column(v, name: str, path: Path) -> np.ndarray:
@@ -105,23 +115,24 @@ def _read_csv(path: Path) -> dict:
         return {n: cells[:, i] for i, n in enumerate(names)}
 
 
-def load_length_table(path) -> LengthTable:
+def load_length_table(path, tokens_per_tile: int | None = None) -> LengthTable:
+    """Read a table; `tokens_per_tile` makes image tokens from tiles when there is no image_tokens column."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"length table {path} does not exist")
     suffix = path.suffix.lower()
     if suffix in (".csv", ".txt"):
-        return _from_columns(_read_csv(path), path)
+        return _from_columns(_read_csv(path), path, tokens_per_tile)
     if suffix in (".parquet", ".pq"):
         import pyarrow.parquet as pq
 
         t = pq.read_table(path)
-        return _from_columns({n: t.column(n).to_numpy() for n in t.column_names}, path)
+        return _from_columns({n: t.column(n).to_numpy() for n in t.column_names}, path, tokens_per_tile)
     if suffix == ".npy":
         a = np.load(path, allow_pickle=False)
         if a.dtype.names:
-            return _from_columns({n: a[n] for n in a.dtype.names}, path)
+            return _from_columns({n: a[n] for n in a.dtype.names}, path, tokens_per_tile)
         if a.ndim == 2 and a.shape[1] == 2:
-            return _from_columns({"image_tokens": a[:, 0], "text_tokens": a[:, 1]}, path)
+            return _from_columns({"image_tokens": a[:, 0], "text_tokens": a[:, 1]}, path, tokens_per_tile)
         raise ValueError(f"{path}: NPY must be a structured array or an (n, 2) int array of image,text tokens; got {a.dtype} {a.shape}")
     raise ValueError(f"{path}: unsupported length table format {suffix!r} (csv, parquet, npy)")

@@ -1,13 +1,13 @@
-/* Compiled twin of the buffer-size path of `mmtrain.packing.algorithms.fill`.
+/* Compiled twin of the buffer-size path of `mmtrain.packing.search.fill` (`fill_builders.pack_small`).
  *
- * plan_small(keys, counts, starts, capacity, tb_max, tmul) runs, on one sorted key pool, the
+ * pack_small(keys, counts, starts, capacity, tb_max, tmul) runs, on one sorted key pool, the
  * builders of SMALL_BUILDERS + (_build_largest_fits,) -- the greedy pattern with lookahead, the
  * 16-key small-first min-slack DP (memoised per residual) and the largest-fits greedy -- through
- * the same `_plan_with` loop, and returns the plan with fewest packs (ties: earlier builder) as
- * (npacks, [(reps, [(key, start, m), ...]), ...]), exactly what `_plan_with` returns.
+ * the same `packs_with` loop, and returns the packing with fewest packs (ties: earlier builder) as
+ * (npacks, [(reps, [(key, start, m), ...]), ...]), exactly what `packs_with` returns.
  *
  * Every step mirrors the Python code line by line (same candidate order, same tie-breaking), so
- * the plans are identical; tests/packing/test_fastpack.py checks that on random inputs and on the
+ * the packings are identical; tests/unit/packing/test_fastpack.py checks that on random inputs and on the
  * bench tables. Keys are handled by index into the sorted key array; "alive" keys (count > 0)
  * are found with two union-find "nearest alive neighbour" structures, which visits the same
  * alive keys, in the same order, as the Python list of alive keys.
@@ -42,7 +42,7 @@ typedef struct {
     /* DP scratch */
     uint64_t *masks;
     idx_t masks_cap;
-    /* plan being built: patterns (reps, first entry, n entries) and entries (key idx, start, m) */
+    /* packing being built: patterns (reps, first entry, n entries) and entries (key idx, start, m) */
     i64 *pat_reps;
     idx_t *pat_first, *pat_n;
     idx_t npat, pat_cap;
@@ -389,8 +389,8 @@ static void consume(Pool *P, idx_t k, i64 q) {
     }
 }
 
-/* _plan_with(builder): 0 ok, -1 allocation failure */
-static int plan_with(Pool *P, int builder) {
+/* packs_with(builder): 0 ok, -1 allocation failure */
+static int packs_with(Pool *P, int builder) {
     while (P->nalive > 0) {
         if (builder == 0) build_greedy(P);
         else if (builder == 1) { if (build_dp_small(P) < 0) return -1; }
@@ -475,7 +475,7 @@ static i64 *to_i64_array(PyObject *seq, idx_t n, const char *what) {
     return a;
 }
 
-static PyObject *py_plan_small(PyObject *self, PyObject *args) {
+static PyObject *py_pack_small(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *okeys, *ocnt, *optr;
     long long cap, tbmax, tm;
@@ -484,7 +484,7 @@ static PyObject *py_plan_small(PyObject *self, PyObject *args) {
     if (n < 0) return NULL;
     if (n == 0) return Py_BuildValue("(i[])", 0);
     if (cap < 0 || cap > (1 << 24) || tm < 1 || tm > (1 << 24)) {
-        PyErr_SetString(PyExc_ValueError, "plan_small: capacity or tile multiplier out of range");
+        PyErr_SetString(PyExc_ValueError, "pack_small: capacity or tile multiplier out of range");
         return NULL;
     }
     Pool P;
@@ -497,7 +497,7 @@ static PyObject *py_plan_small(PyObject *self, PyObject *args) {
     for (idx_t i = 0; i < n; i++) {
         if (P.K[i] < 0 || P.K[i] / tm > cap || P.cnt0[i] < 0 || (i && P.K[i] <= P.K[i - 1])) {
             free_pool(&P);
-            PyErr_SetString(PyExc_ValueError, "plan_small: keys must be sorted, distinct, non-negative, lengths <= capacity");
+            PyErr_SetString(PyExc_ValueError, "pack_small: keys must be sorted, distinct, non-negative, lengths <= capacity");
             return NULL;
         }
     }
@@ -513,7 +513,7 @@ static PyObject *py_plan_small(PyObject *self, PyObject *args) {
     }
     for (idx_t i = 0; i < n; i++) { P.L[i] = P.K[i] / tm; P.T[i] = P.K[i] % tm; }
 
-    /* run the builders; keep the best plan's arrays */
+    /* run the builders; keep the best packing's arrays */
     i64 best_np = -1;
     i64 *b_reps = NULL, *b_start = NULL, *b_m = NULL;
     idx_t *b_first = NULL, *b_n = NULL, *b_k = NULL;
@@ -521,7 +521,7 @@ static PyObject *py_plan_small(PyObject *self, PyObject *args) {
     int failed = 0;
     for (int builder = 0; builder < 3 && !failed; builder++) {
         reset_pool(&P);
-        if (plan_with(&P, builder) < 0) { failed = 1; break; }
+        if (packs_with(&P, builder) < 0) { failed = 1; break; }
         if (best_np < 0 || P.npacks < best_np) {
             best_np = P.npacks;
             free(b_reps); free(b_start); free(b_m); free(b_first); free(b_n); free(b_k);
@@ -545,22 +545,22 @@ static PyObject *py_plan_small(PyObject *self, PyObject *args) {
     if (failed) {
         PyErr_NoMemory();
     } else {
-        PyObject *plan = PyList_New(b_npat);
-        for (idx_t p = 0; plan && p < b_npat; p++) {
+        PyObject *packing = PyList_New(b_npat);
+        for (idx_t p = 0; packing && p < b_npat; p++) {
             PyObject *cols = PyList_New(b_n[p]);
-            if (!cols) { Py_CLEAR(plan); break; }
+            if (!cols) { Py_CLEAR(packing); break; }
             for (idx_t j = 0; j < b_n[p]; j++) {
                 idx_t e = b_first[p] + j;
                 PyObject *t = Py_BuildValue("(LLL)", (long long)P.K[b_k[e]], (long long)b_start[e], (long long)b_m[e]);
                 if (!t) { Py_DECREF(cols); cols = NULL; break; }
                 PyList_SET_ITEM(cols, j, t);
             }
-            if (!cols) { Py_CLEAR(plan); break; }
+            if (!cols) { Py_CLEAR(packing); break; }
             PyObject *entry = Py_BuildValue("(LN)", (long long)b_reps[p], cols);
-            if (!entry) { Py_CLEAR(plan); break; }
-            PyList_SET_ITEM(plan, p, entry);
+            if (!entry) { Py_CLEAR(packing); break; }
+            PyList_SET_ITEM(packing, p, entry);
         }
-        if (plan) result = Py_BuildValue("(LN)", (long long)best_np, plan);
+        if (packing) result = Py_BuildValue("(LN)", (long long)best_np, packing);
     }
     free(b_reps); free(b_start); free(b_m); free(b_first); free(b_n); free(b_k);
     free_pool(&P);
@@ -568,9 +568,9 @@ static PyObject *py_plan_small(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"plan_small", py_plan_small, METH_VARARGS,
-     "plan_small(keys, counts, starts, capacity, tb_max, tmul) -> (npacks, plan): best of the "
-     "buffer builders of algorithms.fill, identical to the pure-Python plan."},
+    {"pack_small", py_pack_small, METH_VARARGS,
+     "pack_small(keys, counts, starts, capacity, tb_max, tmul) -> (npacks, packing): best of the "
+     "buffer builders of fill_builders, identical to the pure-Python packing."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,7 +1,7 @@
 """Online buffered packing for the data pipeline: samples stream in, packs stream out.
 
-Same algorithms and the same buffering/carry rules as `plan_packs(..., buffer_size=N)`, so an
-online run reproduces the offline buffered plan exactly. State is plain JSON (the buffer's
+Same algorithms and the same buffering/carry rules as `pack_samples(..., buffer_size=N)`, so an
+online run reproduces the offline buffered packing exactly. State is plain JSON (the buffer's
 sample ids, lengths, tiles, carry counts and the counters) for checkpoint/resume.
 """
 
@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmtrain.packing.algorithms import resolve_algorithm
-from mmtrain.packing.policy import apply_oversize, pack_buffer
+from mmtrain.packing.algorithms import FillOptions, pack_function, resolve_algorithm
+from mmtrain.packing.buffering import CarryOptions, pack_buffer
+from mmtrain.packing.policy import apply_oversize
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class BufferedPacker:
         oversize_policy: str = "error",
         carry_over: bool = True,
         seed: int = 0,
+        fill_options: FillOptions | None = None,
+        carry_options: CarryOptions = CarryOptions(),
     ):
         if buffer_size <= 0:
             raise ValueError(f"buffer_size must be positive, got {buffer_size}")
@@ -51,6 +54,8 @@ class BufferedPacker:
         self.oversize_policy = oversize_policy
         self.carry_over = carry_over
         self.seed = seed
+        self._pack_fn = pack_function(self.algorithm, fill_options)
+        self._carry_options = carry_options
         self._ids: list[int] = []
         self._lens: list[int] = []
         self._tiles: list[int] = []
@@ -103,10 +108,11 @@ class BufferedPacker:
         tiles = np.asarray(self._tiles, np.int64)
         carry = None if (final or not self.carry_over) else np.asarray(self._carry, np.int64)
         emitted, held = pack_buffer(
-            lens, self.capacity, self.algorithm,
+            lens, self.capacity, self._pack_fn,
             tiles=tiles if self.max_tiles_per_pack is not None else None,
             max_tiles_per_pack=self.max_tiles_per_pack, segment_align=self.segment_align,
             pack_align=self.pack_align, seed=self.seed, carry=carry, buffer_size=self.buffer_size,
+            top_up_held=self.algorithm == "fill", options=self._carry_options,
         )
         out = []
         ids, lens_, tls = self._ids, self._lens, self._tiles

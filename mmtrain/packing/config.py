@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass
 class PackingConfig:
     enabled: bool = True
     seq_length: int = 512  # pack capacity in decoder tokens (image tokens after expansion included)
-    # samples per online packing buffer; None = trainer.global_batch_size (each step packs exactly the
-    # samples an unpacked step sees)
+    # Samples per online packing buffer. None = 1000 samples, or what the balancing window needs if
+    # more; under strict_equivalence a step's samples are its buffer.
     buffer_size: Optional[int] = None
     algorithm: str = "default"
-    max_images_per_pack: Optional[int] = None  # cap on tiles per pack (ViT memory); None = no cap
+    max_tiles_per_pack: Optional[int] = None  # cap on ViT tiles per pack (ViT memory); None = no cap
     align: int = 1  # pad each pack to a multiple of this (TP/SP/CP/FP8 divisibility)
     segment_align: int = 1  # pad each sample segment to a multiple of this (CP: 2*cp; FP8: 16)
     oversize_policy: str = "error"  # error | truncate | drop
@@ -22,6 +22,10 @@ class PackingConfig:
     # "none" runs each sample at its own length.
     pad_unpacked_to: str = "seq_length"
     plan: Optional[str] = None  # offline PLAN.jsonl from `mmtrain pack`; None = online packing
-    # carry under-filled packs into the next buffer (better fill). None = auto: off when buffer_size
-    # equals trainer.global_batch_size, so each step packs exactly the samples an unpacked step sees.
+    # carry under-filled packs into the next buffer (better fill). None = on, off under strict_equivalence.
     carry_over: Optional[bool] = None
+    # Strict-equivalence mode: a step is trainer.global_batch_size *samples* (as without packing),
+    # packed among themselves, so packed and unpacked runs give the same losses. Off: a step is
+    # trainer.global_batch_size packs, balanced across steps (see README, Loss / step semantics).
+    strict_equivalence: bool = False
+    max_images_per_pack: Optional[Any] = None  # renamed: packing.max_tiles_per_pack (setting it is an error)

@@ -1,11 +1,5 @@
-"""Caller-facing packing: oversize policy, offline vs buffered mode, summary statistics.
-
-Buffered mode packs consecutive chunks of `buffer_size` samples independently, as Megatron does
-online. With `carry_over` (default) the under-filled tail packs of a chunk are not emitted: their
-samples move to the front of the next chunk (the buffer still never holds more than
-`buffer_size` samples, and a sample is carried at most MAX_CARRIES times), which removes the
-half-empty last pack per buffer that otherwise caps buffered efficiency.
-"""
+"""Caller-facing packing of a whole table: oversize policy, offline vs buffered mode
+(`mmtrain.packing.buffering`), summary statistics."""
 
 from __future__ import annotations
 
@@ -14,24 +8,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mmtrain.packing.algorithms import (
-    align_up,
-    effective_capacity,
-    pack_lengths,
-    resolve_algorithm,
-)
-from mmtrain.packing.repair import top_up
+from mmtrain.packing.algorithms import FillOptions, pack_function, pack_lengths, resolve_algorithm
+from mmtrain.packing.buffering import CarryOptions, pack_in_buffers
+from mmtrain.packing.common import align_up, effective_capacity
 
 OVERSIZE_POLICIES = ("error", "truncate", "drop")
-MAX_CARRIES = 6  # was 4; 6 never lost a pack in the bench (buffers 100/1000, offline), see bench/results
-CARRY_FILL = 0.995  # packs filled below this fraction of capacity are carried to the next buffer
-CARRY_FRACTION = 0.25  # at most this share of a buffer is carried
-# `fill` only: after the carry choice, emitted packs take held samples by exchanges that raise
-# their tokens (mmtrain.packing.repair.top_up); bounded by TOP_UP_WORK operations per buffer,
-# pairs of held samples are tried while at most TOP_UP_PAIR_MAX samples are held.
-TOP_UP = True
-TOP_UP_WORK = 20_000
-TOP_UP_PAIR_MAX = 100
 
 
 @dataclass
@@ -56,7 +37,7 @@ class PackResult:
         return [int(self.lengths[np.asarray(p, dtype=np.int64)].sum()) for p in self.packs]
 
     def lower_bound_packs(self) -> int:
-        """ceil(padded tokens / usable capacity): no plan can use fewer packs."""
+        """ceil(padded tokens / usable capacity): no packing can use fewer packs."""
         kept = np.ones(len(self.lengths), bool)
         kept[self.dropped] = False
         eff = align_up(self.lengths[kept], self.segment_align)
@@ -139,60 +120,7 @@ def apply_oversize(
     return lengths, dropped, truncated
 
 
-def pack_buffer(
-    lengths: np.ndarray,
-    capacity: int,
-    algorithm: str,
-    *,
-    tiles: np.ndarray | None = None,
-    max_tiles_per_pack: int | None = None,
-    segment_align: int = 1,
-    pack_align: int = 1,
-    seed: int = 0,
-    carry: np.ndarray | None = None,
-    buffer_size: int | None = None,
-) -> tuple[list[list[int]], list[int]]:
-    """Pack one buffer. Returns (emitted packs, carried positions), positions into `lengths`.
-
-    With `carry` (times each sample was already carried; None = final flush) the least-filled
-    packs below CARRY_FILL are held back, up to CARRY_FRACTION of buffer_size samples, skipping
-    packs holding a sample carried MAX_CARRIES times. For `fill` (TOP_UP) the emitted packs then
-    take held samples by exchanges that raise their tokens (`repair.top_up`; only samples carried
-    fewer than MAX_CARRIES times are moved into the held set, which stays within the budget).
-    """
-    packs = pack_lengths(
-        lengths, capacity, algorithm, tiles=tiles, max_tiles_per_pack=max_tiles_per_pack,
-        segment_align=segment_align, pack_align=pack_align, seed=seed,
-    )
-    if carry is None or not packs:
-        return packs, []
-    eff = align_up(np.asarray(lengths, dtype=np.int64), segment_align)
-    cap = effective_capacity(capacity, pack_align)
-    el = eff.tolist()
-    fills = [sum([el[i] for i in p]) for p in packs]
-    budget = budget0 = int((buffer_size or len(lengths)) * CARRY_FRACTION)
-    held: set[int] = set()
-    carried: list[int] = []
-    for j in sorted(range(len(packs)), key=lambda j: (fills[j], j)):
-        if fills[j] >= CARRY_FILL * cap or len(packs[j]) > budget:
-            break
-        if max(int(carry[i]) for i in packs[j]) >= MAX_CARRIES:
-            continue
-        held.add(j)
-        carried.extend(packs[j])
-        budget -= len(packs[j])
-    emitted = [p for j, p in enumerate(packs) if j not in held]
-    if carried and TOP_UP and resolve_algorithm(algorithm) == "fill":
-        tl = None if tiles is None or max_tiles_per_pack is None else np.asarray(tiles, np.int64).tolist()
-        emitted, carried = top_up(
-            emitted, carried, el, cap, tl, max_tiles_per_pack,
-            movable=[c < MAX_CARRIES for c in carry.tolist()], max_held=budget0,
-            work=TOP_UP_WORK, pair_max=TOP_UP_PAIR_MAX,
-        )
-    return emitted, sorted(carried)
-
-
-def plan_packs(
+def pack_samples(
     lengths,
     capacity: int,
     *,
@@ -206,9 +134,11 @@ def plan_packs(
     text_tokens=None,
     seed: int = 0,
     carry_over: bool = True,
+    fill_options: FillOptions | None = None,
+    carry_options: CarryOptions = CarryOptions(),
 ) -> PackResult:
-    """Plan packs for a whole length table. buffer_size=None packs everything at once (offline);
-    otherwise chunks of buffer_size samples in the given order (see module doc for carry_over)."""
+    """Pack a whole length table. buffer_size=None packs everything at once (offline); otherwise
+    chunks of buffer_size samples in the given order (`mmtrain.packing.buffering`, carry_over)."""
     import time
 
     name = resolve_algorithm(algorithm)
@@ -226,27 +156,11 @@ def plan_packs(
     kw = dict(max_tiles_per_pack=max_tiles_per_pack, segment_align=segment_align, pack_align=pack_align, seed=seed)
     packs: list[list[int]] = []
     if buffer_size is None or buffer_size >= len(ids):
-        for p in pack_lengths(lens[ids], capacity, name, tiles=None if tl is None else tl[ids], **kw):
+        for p in pack_lengths(lens[ids], capacity, name, tiles=None if tl is None else tl[ids], fill_options=fill_options, **kw):
             packs.append(ids[p].tolist())
     else:
-        if buffer_size <= 0:
-            raise ValueError(f"buffer_size must be positive, got {buffer_size}")
-        pending = np.empty(0, np.int64)  # carried sample ids
-        pcount = np.empty(0, np.int64)
-        pos = 0
-        while pos < len(ids) or len(pending):
-            take = buffer_size - len(pending)
-            new = ids[pos : pos + take]
-            pos += len(new)
-            buf = np.concatenate([pending, new])
-            counts = np.concatenate([pcount, np.zeros(len(new), np.int64)])
-            final = len(buf) < buffer_size
-            emitted, held = pack_buffer(
-                lens[buf], capacity, name, tiles=None if tl is None else tl[buf],
-                carry=None if (final or not carry_over) else counts, buffer_size=buffer_size, **kw,
-            )
-            packs.extend(buf[p].tolist() for p in emitted)
-            pending, pcount = buf[held], counts[held] + 1
+        packs = pack_in_buffers(lens, ids, capacity, pack_function(name, fill_options), buffer_size, carry_over=carry_over,
+                                top_up_held=name == "fill", tiles=tl, options=carry_options, **kw)
     seconds = time.perf_counter() - t0
     return PackResult(
         packs=packs, lengths=lens, capacity=capacity, algorithm=name, dropped=dropped,

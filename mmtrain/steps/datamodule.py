@@ -1,4 +1,5 @@
-"""Data module: sample source -> step plan -> this rank's packed micro-batches."""
+"""Data module: a Source -> the step stream -> this rank's packed micro-batches (`mmtrain.steps.build`
+makes the source and the stream, as `mmtrain simulate` and `mmtrain pack` do)."""
 
 from __future__ import annotations
 
@@ -7,136 +8,46 @@ from typing import Iterator, Optional
 import numpy as np
 
 from mmtrain.config import MMTrainConfig
-from mmtrain.data import synthetic
-from mmtrain.steps.batch import PackedMicroBatch, Sample, build_micro_batch
-from mmtrain.steps.planner import PlannerSettings, StepPlan, StepPlanner
-
-
-class SyntheticTilesSource:
-    """Training view of the synthetic 1-20-tile data: shapes for planning, samples on demand."""
-
-    def __init__(self, cfg: MMTrainConfig, tokens_per_tile: int) -> None:
-        d = cfg.data
-        self.spec = synthetic.SyntheticTilesSpec(
-            num_samples=d.num_samples,
-            min_tiles=d.min_tiles,
-            max_tiles=d.max_tiles,
-            min_text_tokens=d.min_text_tokens,
-            max_text_tokens=d.max_text_tokens,
-            tile_distribution=d.tile_distribution,
-            seed=d.seed,
-        )
-        self.tokens_per_tile = tokens_per_tile
-        self.vocab = cfg.model.decoder.vocab_size
-        self.image_size = cfg.model.vision.image_size
-        self.channels = cfg.model.vision.in_channels
-        self.tiles, self.text_tokens = synthetic.sample_shapes(self.spec)
-
-    def __len__(self) -> int:
-        return self.spec.num_samples
-
-    def sample(self, index: int, with_pixels: bool, keep_tokens: Optional[int] = None) -> Sample:
-        text, _ = synthetic.sample_text(self.spec, index, self.vocab)
-        tiles = int(self.tiles[index])
-        image_tokens = tiles * self.tokens_per_tile
-        if keep_tokens is not None:  # packing.oversize_policy=truncate cuts text, never the image
-            text = text[: max(keep_tokens - image_tokens, 1)]
-        pixels = synthetic.sample_pixels(self.spec, index, self.image_size, self.channels) if with_pixels else None
-        return Sample(sample_id=index, text=text, pixels=pixels, tiles=tiles, image_tokens=image_tokens)
-
-
-def buffer_size(cfg: MMTrainConfig) -> int:
-    """packing.buffer_size, defaulting to the global batch size."""
-    return cfg.packing.buffer_size or cfg.trainer.global_batch_size
-
-
-def build_source(cfg: MMTrainConfig, tokens_per_tile: int):
-    if cfg.data.name == "llava_json":
-        from mmtrain.data.sources.llava_train import LlavaJsonTrainSource
-
-        return LlavaJsonTrainSource(cfg, tokens_per_tile)
-    if cfg.data.name != "synthetic_tiles":
-        raise ValueError(f"data={cfg.data.name!r} is not a training source yet; use data=synthetic_tiles or data=llava_json")
-    return SyntheticTilesSource(cfg, tokens_per_tile)
-
+from mmtrain.steps.batch import PackedMicroBatch, build_micro_batch
+from mmtrain.steps.from_config import build_source, build_stream, source_fingerprint
+from mmtrain.steps.stream import Step
 
 class DataModule:
     def __init__(self, cfg: MMTrainConfig, *, dp: int, dp_rank: int, pp: int, first_stage: bool, tokens_per_tile: int) -> None:
+        from mmtrain.balancing.cost import CostModel
+
         self.cfg = cfg
+        self.dp = dp
         self.dp_rank = dp_rank
         self.first_stage = first_stage
         self.tokens_per_tile = tokens_per_tile
         self.source = build_source(cfg, tokens_per_tile)
-        p, t = cfg.packing, cfg.trainer
-        self.settings = PlannerSettings(
-            packing=p.enabled,
-            seq_length=p.seq_length,
-            buffer_size=buffer_size(cfg),
-            algorithm=p.algorithm,
-            global_batch_size=t.global_batch_size,
-            micro_batch_size=t.micro_batch_size,
-            dp=dp,
-            pp=pp,
-            seed=t.seed,
-            shuffle=cfg.data.shuffle,
-            balance=cfg.balancing.enabled,
-            balance_strategy=cfg.balancing.strategy,
-            pipeline_order=cfg.balancing.pipeline_order,
-            max_images_per_pack=p.max_images_per_pack,
-            pack_align=p.align,
-            segment_align=p.segment_align,
-            oversize_policy=p.oversize_policy,
-            carry_over=p.carry_over if p.carry_over is not None else buffer_size(cfg) != t.global_batch_size,
-        )
-        plan_packs, plan_kept = self._offline_plan(cfg, tokens_per_tile)
-        self.planner = StepPlanner(
-            self.source.tiles, self.source.text_tokens, tokens_per_tile, self.settings, plan_packs, plan_kept
-        )
-        self.planner.set_cost_model(self._cost_model(cfg))
+        self.stream = build_stream(cfg, self.source, tokens_per_tile, dp, pp)
+        self.flop_model = CostModel.from_config(cfg.model)  # useful FLOPs for MFU: the balancer's formula
+        self._ids = list(self.source.ids)
         v = cfg.model.vision
         self.image_shape = (v.in_channels, v.image_size, v.image_size)
 
-    def _offline_plan(self, cfg: MMTrainConfig, tokens_per_tile: int):
-        """Packs from `packing.plan` (made by `mmtrain pack` on this source's length table, e.g. the
-        one `mmtrain lengths` writes); refused with what differs if it was made for other data."""
-        if not (cfg.packing.enabled and cfg.packing.plan):
-            return None, None
-        from mmtrain.packing.plan_file import load_plan
-
-        plan = load_plan(cfg.packing.plan, expected_fingerprint=self.source_fingerprint())
-        made_for = plan.meta.get("params", {}).get("seq_length")
-        if made_for is not None and made_for > cfg.packing.seq_length:
-            raise ValueError(
-                f"packing.plan {cfg.packing.plan} was made for seq_length {made_for} > packing.seq_length="
-                f"{cfg.packing.seq_length}; re-run `mmtrain pack --seq-length {cfg.packing.seq_length}`"
-            )
-        kept = {int(k): int(v) for k, v in plan.meta.get("truncated", {}).items()}
-        return [list(map(int, p)) for p in plan.packs], kept
-
     def source_fingerprint(self) -> str:
-        """sha256 of this source's length table (image tokens after expansion, text, tiles): what
-        offline plans and checkpoints are tied to; `mmtrain lengths` writes the same table."""
-        from mmtrain.packing.plan_file import fingerprint
+        return source_fingerprint(self.source, self.tokens_per_tile)
 
-        tiles = np.asarray(self.source.tiles, dtype=np.int64)
-        return fingerprint(tiles * self.tokens_per_tile, np.asarray(self.source.text_tokens, dtype=np.int64), tiles)
-
-    def sample_lengths(self, plan: StepPlan) -> list[int]:
+    def sample_lengths(self, step: Step) -> list[int]:
         """Decoder tokens of each sample of the step, after any truncation."""
-        return [plan.kept_length.get(i, int(self.planner.lengths[i])) for i in plan.sample_ids]
+        return [step.kept_length.get(i, int(self.stream.lengths[i])) for i in step.sample_ids]
 
-    def plan_tiles(self, plan: StepPlan) -> int:
-        return int(sum(int(self.source.tiles[i]) for i in plan.sample_ids))
+    def sample_tiles(self, step: Step) -> list[int]:
+        return [int(self.stream.tiles[i]) for i in step.sample_ids]
 
-    @staticmethod
-    def _cost_model(cfg: MMTrainConfig):
-        """What the balancer weighs packs by: calibrated coefficients if given, else FLOP formulas of
-        this model (vision + decoder, frozen parts without weight-gradient work)."""
-        from mmtrain.balancing.cost import CostModel
+    def useful_flops(self, step: Step) -> float:
+        """FLOPs of the step's real tokens (no padding), the cost model's FLOP formula."""
+        return float(self.flop_model.tiled_costs(self.sample_lengths(step), self.sample_tiles(step)).sum())
 
-        if cfg.balancing.cost_model:
-            return CostModel.load(cfg.balancing.cost_model)
-        return CostModel.from_config(cfg.model)
+    def rank_record_ids(self, step: Step) -> list[list[str]]:
+        """Record ids each DP rank runs in this step, in run order (as planned)."""
+        return [[self._ids[i] for i in step.rank_samples(r)] for r in range(len(step.rank_micro_batches))]
+
+    def record_id(self, index: int) -> str:
+        return self._ids[index]
 
     def row_length(self) -> Optional[int]:
         p = self.cfg.packing
@@ -144,28 +55,32 @@ class DataModule:
             return p.seq_length
         return None
 
-    def padded_tokens(self, plan: StepPlan) -> int:
+    def padded_tokens(self, step: Step) -> int:
         """Tokens the whole step computes on (all ranks), alignment and row padding included."""
         fixed = self.row_length()
         if fixed is not None:
-            return fixed * len(plan.rows)
+            return fixed * len(step.rows)
         a, seg = max(self.cfg.packing.align, 1), max(self.cfg.packing.segment_align, 1)
-        lengths = self.planner.lengths
+        lengths = self.stream.lengths
         total = 0
-        for row in plan.rows:
-            used = sum(-(-int(plan.kept_length.get(i, lengths[i])) // seg) * seg for i in row)
+        for row in step.rows:
+            used = sum(-(-int(step.kept_length.get(i, lengths[i])) // seg) * seg for i in row)
             total += -(-max(used, 1) // a) * a
         return total
 
-    def next_step(self) -> StepPlan:
-        return self.planner.next_step()
+    def next_step(self) -> Step:
+        return self.stream.next_step()
 
-    def micro_batches(self, plan: StepPlan, dp_rank: Optional[int] = None) -> Iterator[PackedMicroBatch]:
-        """This rank's micro-batches for a step, built lazily (pixels only on the first PP stage)."""
+    def observe(self, step: Step, rank_seconds) -> Optional[dict]:
+        """Per-DP-rank measured seconds of `step` (identical on every rank) for online calibration."""
+        return self.stream.observe(step, rank_seconds)
+
+    def micro_batches(self, step: Step, dp_rank: Optional[int] = None) -> Iterator[PackedMicroBatch]:
+        """This rank's micro-batches for a step, in run order, built lazily (pixels only on the first PP stage)."""
         rank = self.dp_rank if dp_rank is None else dp_rank
-        for mb_rows in plan.rank_micro_batches[rank]:
+        for mb_rows in step.rank_micro_batches[rank]:
             rows = [
-                [self.source.sample(i, self.first_stage, plan.kept_length.get(i)) for i in plan.rows[r]] for r in mb_rows
+                [self.source.sample(i, self.first_stage, step.kept_length.get(i)) for i in step.rows[r]] for r in mb_rows
             ] or [[]]
             yield build_micro_batch(
                 rows,
@@ -178,29 +93,7 @@ class DataModule:
             )
 
     def state_dict(self) -> dict:
-        return {"planner": self.planner.state_dict()}
+        return {"steps": self.stream.state_dict()}
 
     def load_state_dict(self, d: dict) -> None:
-        self.planner.load_state_dict(d["planner"])
-
-
-def export_lengths_main(argv: list[str]) -> int:
-    """`mmtrain lengths --out TABLE.csv [hydra overrides]`: the training source's length table
-    (id, tiles, image_tokens, text_tokens), e.g. as input to `mmtrain pack` for an offline plan."""
-    import argparse
-
-    from mmtrain.config import compose
-    from mmtrain.models.vlm import tokens_per_tile
-
-    ap = argparse.ArgumentParser(prog="mmtrain lengths", description=export_lengths_main.__doc__)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m mmtrain.train")
-    args = ap.parse_args(argv)
-    cfg = compose(args.overrides)
-    tpt = tokens_per_tile(cfg.model)
-    src = build_source(cfg, tpt)
-    tiles = np.asarray(src.tiles, dtype=np.int64)
-    table = np.stack([np.arange(len(tiles)), tiles, tiles * tpt, np.asarray(src.text_tokens, dtype=np.int64)], axis=1)
-    np.savetxt(args.out, table, fmt="%d", delimiter=",", header="id,tiles,image_tokens,text_tokens", comments="")
-    print(f"wrote {len(tiles)} rows to {args.out}")
-    return 0
+        self.stream.load_state_dict(d["steps"])

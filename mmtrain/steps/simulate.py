@@ -1,167 +1,118 @@
-"""Straggler / bubble simulation of packing + balancing strategies on a length table.
+"""Straggler / bubble / fill of the steps a training config runs, without running the model.
 
-Every strategy ends as (step, rank, micro_batch) per pack; all figures are computed from that
-assignment and per-pack costs alone (`metrics`), so they can be recomputed independently from a
-PLAN.jsonl. Rows: no packing (one sample per micro-batch), Megatron-style greedy knapsack, FFD,
-and the default packer's packs balanced within each step by LPT / Karmarkar-Karp vs ours
-(cross-step, vision-aware). Baseline packs run in shuffled order, as a training loader would.
+The simulator builds the training source and the step stream exactly as the training data module
+does (`mmtrain.steps.from_config`) at the given DP / PP size and asks it for the steps training
+would run (trainer.max_steps, or one epoch); every figure comes from those steps' predicted
+per-rank costs. Because it is the same stream -- the same packer, the same step assembler, the
+same cost model -- the straggler it prints is the one training logs (`predicted_rank_cost` in
+metrics.jsonl), as long as the cost model is not calibrated online.
+
+Strategy rows compare baselines on the same data in the same process: each row is the config
+with another packer / balancer (`ROWS`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import replace
+from typing import Optional, Sequence
 
 import numpy as np
 
-from mmtrain.balancing.assign import assign_packs_to_steps, split_remainder
-from mmtrain.balancing.cost import CostModel
 from mmtrain.balancing.pipeline import simulate_1f1b
+from mmtrain.config import MMTrainConfig
 
-__all__ = ["Table", "load_source", "metrics", "simulate", "ROWS"]
+__all__ = ["ROWS", "figures", "row_config", "run_steps", "simulate"]
 
-# row name -> (packing algorithm or None for no packing, balancing strategy)
+# row name -> (packing algorithm or None = the config's, balancing strategy); "no_packing" turns packing off
 ROWS = {
+    "ours": (None, "default"),
+    "karmarkar_karp": (None, "karmarkar_karp"),
+    "lpt": (None, "lpt"),
+    "greedy_knapsack": ("greedy_knapsack", "none"),  # Megatron-style: greedy knapsack, packs in order per rank
     "no_packing": (None, "none"),
-    "greedy_knapsack": ("greedy_knapsack", "none"),
-    "ffd": ("ffd", "none"),
-    "lpt": ("default", "lpt"),
-    "karmarkar_karp": ("default", "karmarkar_karp"),
-    "ours": ("default", "default"),
-    "ours_no_pp_order": ("default", "default"),  # same, micro-batches left in index order (PP ablation)
 }
 
 
-@dataclass
-class Table:
-    tiles: np.ndarray
-    image_tokens: np.ndarray
-    text_tokens: np.ndarray
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return self.image_tokens + self.text_tokens
-
-
-def load_source(source: str, seed: int = 0) -> Table:
-    """A length table file, or `synthetic[:N]`: the 1-20-tile distribution (tiles U[1,20] x 256
-    image tokens + text U[16,128]), N samples (default 10000)."""
-    if source.startswith("synthetic"):
-        n = int(source.split(":")[1]) if ":" in source else 10000
-        rng = np.random.default_rng(seed)
-        tiles = rng.integers(1, 21, n)
-        return Table(tiles, tiles * 256, rng.integers(16, 129, n))
-    from mmtrain.data.lengths import load_length_table
-
-    t = load_length_table(source)
-    img = np.asarray(t.image_tokens, dtype=np.int64)
-    tiles = np.asarray(t.tiles, dtype=np.int64) if t.tiles is not None else (img > 0).astype(np.int64)
-    return Table(tiles, img, np.asarray(t.text_tokens, dtype=np.int64))
+def row_config(cfg: MMTrainConfig, row: str) -> MMTrainConfig:
+    """The config of one strategy row."""
+    if row not in ROWS:
+        raise ValueError(f"unknown strategy row {row!r}; choose from {list(ROWS)}")
+    algorithm, strategy = ROWS[row]
+    packing = replace(cfg.packing, enabled=row != "no_packing", algorithm=algorithm or cfg.packing.algorithm)
+    balancing = replace(cfg.balancing, enabled=True, strategy=strategy)
+    return replace(cfg, packing=packing, balancing=balancing)
 
 
-def metrics(
-    assignment: Sequence[tuple[int, int, int]],
-    pack_costs: Sequence[float],
-    dp: int,
-    pp: int = 1,
-    pack_tiles: Sequence[float] | None = None,
-) -> dict:
-    """Figures from (step, rank, micro_batch) per pack.
+def run_steps(cfg: MMTrainConfig, dp: int, pp: int = 1, steps: Optional[int] = None, epoch: bool = False):
+    """The steps training runs for `cfg` at DP `dp`, PP `pp`: trainer.max_steps of them (or `steps`),
+    or with `epoch` every step of the first epoch."""
+    from mmtrain.models.config import tokens_per_tile
+    from mmtrain.steps.from_config import build_source, build_stream
 
-    straggler: mean over steps of max/mean rank cost (ranks holding packs);
-    bubble: pipeline idle share, 1 - sum(rank work / pp) / sum(rank 1F1B makespan);
-    time_rel: sum over steps of the slowest rank's makespan / (total cost / (dp * pp)).
-    """
-    costs = np.asarray(pack_costs, dtype=np.float64)
-    per: dict[int, dict[int, list[tuple[int, int]]]] = {}
-    for p, (s, r, mb) in enumerate(assignment):
-        per.setdefault(int(s), {}).setdefault(int(r), []).append((int(mb), p))
-    ratios, tile_ratios, span_sum, work_sum, time = [], [], 0.0, 0.0, 0.0
-    tl = None if pack_tiles is None else np.asarray(pack_tiles, dtype=np.float64)
-    for s in sorted(per):
-        loads, tloads, spans = [], [], []
-        for r in sorted(per[s]):
-            seq = [p for _, p in sorted(per[s][r])]
-            loads.append(costs[seq].sum())
-            if tl is not None:
-                tloads.append(tl[seq].sum())
-            spans.append(simulate_1f1b(costs[seq], pp))
-        m = float(np.mean(loads))
-        ratios.append(max(loads) / m if m > 0 else 1.0)
-        if tl is not None:
-            tm = float(np.mean(tloads))
-            tile_ratios.append(max(tloads) / tm if tm > 0 else 1.0)
-        span_sum += sum(spans)
-        work_sum += sum(loads) / pp
-        time += max(spans)
-    ideal = costs.sum() / (dp * pp)
+    tpt = tokens_per_tile(cfg.model)
+    source = build_source(cfg, tpt)
+    stream = build_stream(cfg, source, tpt, dp, pp)
+    out = []
+    n = cfg.trainer.max_steps if steps is None else steps
+    while True:
+        if not epoch and len(out) >= n:
+            break
+        st = stream.next_step()
+        if epoch and st.epoch > 0:
+            break
+        out.append(st)
+    return out, stream
+
+
+def figures(steps: Sequence, seq_length: int, pp: int = 1, tiles: Optional[np.ndarray] = None) -> dict:
+    """Figures of a run of steps (`mmtrain.steps.stream.Step`):
+
+    straggler: mean over steps of max / mean predicted rank cost (what metrics.jsonl gives per step);
+    efficiency: real tokens / (packs x seq_length); bubble: mean predicted 1F1B idle share;
+    time_rel: sum over steps of the slowest rank's 1F1B makespan / (total cost / (dp x pp))."""
+    ratios, tile_ratios, bubbles = [], [], []
+    span, total = 0.0, 0.0
+    packs = samples = tokens = 0
+    dp = len(steps[0].rank_micro_batches) if steps else 1
+    for st in steps:
+        loads = np.asarray(st.predicted_rank_cost, dtype=np.float64)
+        m = loads.mean()
+        ratios.append(float(loads.max() / m) if m > 0 else 1.0)
+        if tiles is not None:
+            tl = np.array([sum(int(tiles[s]) for s in st.rank_samples(r)) for r in range(len(st.rank_micro_batches))], float)
+            tile_ratios.append(float(tl.max() / tl.mean()) if tl.mean() > 0 else 1.0)
+        if st.predicted_bubble is not None:
+            bubbles.append(st.predicted_bubble)
+        c = np.asarray(st.row_costs)
+        span += max(simulate_1f1b([float(c[mb].sum()) for mb in r], pp) for r in st.rank_micro_batches)
+        total += float(c.sum())
+        packs += len(st.rows)
+        samples += st.num_samples
+        tokens += sum(st.row_tokens)
+    ideal = total / (dp * pp)
     return {
-        "steps": len(per),
+        "steps": len(steps),
         "straggler": float(np.mean(ratios)) if ratios else 1.0,
         "straggler_max": float(np.max(ratios)) if ratios else 1.0,
         "tile_straggler": float(np.mean(tile_ratios)) if tile_ratios else None,
-        "bubble": float(1.0 - work_sum / span_sum) if span_sum > 0 else 0.0,
-        "time_rel": float(time / ideal) if ideal > 0 else 1.0,
+        "bubble": float(np.mean(bubbles)) if bubbles else 0.0,
+        "time_rel": float(span / ideal) if ideal > 0 else 1.0,
+        "packs": packs,
+        "samples": samples,
+        "tokens": tokens,
+        "efficiency": tokens / (packs * seq_length) if packs else 0.0,
     }
 
 
-def _packs(table: Table, algorithm: str | None, seq_length: int, buffer_size: int | None, seed: int):
-    """(packs, per-sample lengths after the packer's truncation, dropped oversize samples). Baselines pack each buffer
-    independently (Megatron-style, no carry-over); "default" uses the packer's own defaults."""
-    if algorithm is None:
-        return [[i] for i in range(table.lengths.size)], table.lengths, []
-    from mmtrain.packing.policy import plan_packs
-
-    kw = {} if algorithm == "default" else {"carry_over": False}
-    res = plan_packs(table.lengths, seq_length, algorithm=algorithm, buffer_size=buffer_size,
-                     tiles=table.tiles, seed=seed, oversize_policy="truncate",
-                     text_tokens=table.text_tokens, **kw)
-    return res.packs, np.asarray(res.lengths), list(res.dropped)
-
-
-def simulate(
-    table: Table,
-    seq_length: int,
-    dp: int,
-    pp: int = 1,
-    micro_batches: int = 1,
-    buffer_size: int | None = None,
-    cost_model: CostModel | None = None,
-    rows: Sequence[str] | None = None,
-    window: int | None = None,
-    seed: int = 0,
-    vision_weight: float | None = None,
-) -> list[dict]:
-    """One dict of figures per row; samples are shuffled once (seed) before packing."""
-    cm = cost_model or CostModel.default()
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(table.lengths.size)
-    shuffled = Table(table.tiles[perm], table.image_tokens[perm], table.text_tokens[perm])
-    if vision_weight is None:  # tiles' weight in balancing: the ViT share of cost, at least 0.1
-        vision_weight = max(0.1, cm.vision_fraction(shuffled.lengths, shuffled.tiles))
-    cache: dict = {}
+def simulate(cfg: MMTrainConfig, dp: int, pp: int = 1, rows: Optional[Sequence[str]] = None,
+             steps: Optional[int] = None, epoch: bool = False) -> list[dict]:
+    """One dict of figures per strategy row (None: the config as given, one row named "config")."""
     out = []
-    for name in rows or ROWS:
-        algorithm, strategy = ROWS[name]
-        if algorithm not in cache:
-            cache[algorithm] = _packs(shuffled, algorithm, seq_length, buffer_size, seed)
-        packs, lengths, dropped = cache[algorithm]
-        sample_cost = cm.sample_costs(lengths, shuffled.tiles)
-        order = np.random.default_rng(seed + 1).permutation(len(packs))  # training order
-        packs = [packs[i] for i in order]
-        if strategy == "default":  # as `mmtrain pack --dp`: every step full, no idle rank at the end
-            packs = split_remainder(packs, lengths, sample_cost, dp * micro_batches, seq_length,
-                                    sample_tiles=shuffled.tiles)
-        costs = np.array([sample_cost[p].sum() for p in packs])
-        ptiles = np.array([shuffled.tiles[p].sum() for p in packs], dtype=np.float64)
-        assign = assign_packs_to_steps(costs, dp, micro_batches, strategy, pack_tiles=ptiles,
-                                       window=window, num_stages=1 if name == "ours_no_pp_order" else pp,
-                                       vision_weight=vision_weight)
-        used = sorted(i for p in packs for i in p)
-        expected = sorted(set(range(table.lengths.size)) - set(dropped))
-        assert used == expected, "a sample is missing or used twice"
-        row = {"strategy": name, "packing": algorithm or "none", "balancing": strategy, "packs": len(packs),
-               "dropped": len(dropped)}
-        row.update(metrics(assign, costs, dp, pp, ptiles))
+    for name in rows or [None]:
+        c = cfg if name is None else row_config(cfg, name)
+        run, stream = run_steps(c, dp, pp, steps=steps, epoch=epoch)
+        row = {"strategy": name or "config", "packing": c.packing.algorithm if c.packing.enabled else "none",
+               "balancing": c.balancing.strategy if c.balancing.enabled else "none"}
+        row.update(figures(run, c.packing.seq_length, pp, stream.tiles))
         out.append(row)
     return out

@@ -15,7 +15,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 from mmtrain.config import MMTrainConfig
 from mmtrain.models import params
-from mmtrain.models.vlm import VLM, ParallelShape, tokens_per_tile
+from mmtrain.models.config import tokens_per_tile
+from mmtrain.models.vlm import VLM, ParallelShape
 from mmtrain.parallel import setup
 from mmtrain.steps.datamodule import DataModule
 

@@ -67,7 +67,7 @@ class Evaluator:
         lengths = np.asarray(source.tiles, dtype=np.int64) * tokens_per_tile + np.asarray(source.text_tokens, dtype=np.int64)
         self.plan = eval_plan(lengths, source.tiles, dp=layout.dp, packing=p.enabled, seq_length=p.seq_length,
                               micro_batch_size=cfg.trainer.micro_batch_size, algorithm=p.algorithm,
-                              max_tiles_per_pack=p.max_images_per_pack, pack_align=max(p.align, 1),
+                              max_tiles_per_pack=p.max_tiles_per_pack, pack_align=max(p.align, 1),
                               segment_align=max(p.segment_align, 1))
         v = cfg.model.vision
         self.image_shape = getattr(source, "image_shape", (v.in_channels, v.image_size, v.image_size))

@@ -1,4 +1,4 @@
-"""The training loop: resume, then per step plan -> forward/backward -> optimizer step -> metrics
+"""The training loop: resume, then per step: its packs and ranks -> forward/backward -> optimizer step -> metrics
 line -> checkpoint / preemption checks, then the summary."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from mmtrain.train import faults
 from mmtrain.train.build import Built, build
 from mmtrain.train.log import RunLog, require_wandb
 from mmtrain.train.lr import lr_at
-from mmtrain.train.metrics import MetricsWriter, _progress, _read_metrics, peak_flops, summarize, useful_flops
+from mmtrain.train.metrics import MetricsWriter, _progress, _read_metrics, peak_flops, step_ratio, summarize
 from mmtrain.train.preemption import Preempted, PreemptionHandler
 from mmtrain.train.step import run_step
 
@@ -72,6 +72,16 @@ def _checkpoint_summary(saves: list[dict]) -> dict:
         "max_blocking_s": max(c["blocking_s"] for c in saves),
         "bytes_written": sum(c["bytes"] for c in saves),
     }
+
+
+def _ran(b: Built, local: list[int]) -> list[list[str]]:
+    """The record ids each DP rank ran this step (its first-stage, TP-rank-0 process's micro-batches),
+    gathered from the ranks themselves."""
+    lay = b.layout
+    got: list = [None] * lay.world_size
+    dist.all_gather_object(got, (lay.dp_rank, lay.tp_rank == 0 and lay.is_first_stage, local))
+    by_rank = {d: ids for d, first, ids in got if first}
+    return [[b.data.record_id(i) for i in by_rank[d]] for d in range(lay.dp)]
 
 
 def train(cfg: MMTrainConfig) -> dict:
@@ -137,49 +147,59 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
 
     try:
         for step in range(start, t.max_steps):
-            plan = b.data.next_step()
-            if plan.step != step:
-                raise RuntimeError(f"data plan is at step {plan.step}, the trainer at step {step}")
+            st = b.data.next_step()
+            if st.step != step:
+                raise RuntimeError(f"the data stream is at step {st.step}, the trainer at step {step}")
             t0 = time.perf_counter()
-            r = run_step(b, plan, injector)
+            r = run_step(b, st, injector)
             step_s = time.perf_counter() - t0
-            # Measured per-rank compute time next to the balancer's prediction; the last slot sums
-            # the samples whose image failed to decode (counted once: TP rank 0 of the first stage).
-            times = torch.zeros(lay.world_size + 1, dtype=torch.float64, device=lay.device)
+            # Measured per-rank compute time next to the balancer's prediction, each rank's DP rank,
+            # and in the last slot the samples whose image failed to decode (counted once: TP rank 0
+            # of the first stage).
+            ws = lay.world_size
+            times = torch.zeros(2 * ws + 1, dtype=torch.float64, device=lay.device)
             times[lay.rank] = r["compute_s"]
+            times[ws + lay.rank] = lay.dp_rank
             if lay.tp_rank == 0 and lay.is_first_stage:
                 times[-1] = r["bad_samples_local"]
             dist.all_reduce(times)
             step_bad = int(times[-1])
             bad_samples += step_bad
-            times = times[:-1]
+            rank_s = [float(x) for x in times[:ws].tolist()]
+            dp_s = [0.0] * lay.dp  # a DP rank's time: its slowest model-parallel rank
+            for g, d in enumerate(times[ws:2 * ws].tolist()):
+                dp_s[int(d)] = max(dp_s[int(d)], rank_s[g])
             if r["nonfinite"]:
                 skipped_steps += 1
                 consecutive += 1
             else:
                 consecutive = 0
-            samples = plan.num_samples
-            real_tokens = sum(plan.row_tokens)
-            padded = b.data.padded_tokens(plan)
-            useful = useful_flops(b.data, plan)
+            samples = st.num_samples
+            real_tokens = sum(st.row_tokens)
+            padded = b.data.padded_tokens(st)
+            useful = b.data.useful_flops(st)
             rec = {
-                "step": plan.step,
+                "step": st.step,
                 "loss": r["loss_sum"] / max(r["loss_tokens"], 1),
                 "grad_norm": r["grad_norm"],
-                "lr": lr_at(cfg, plan.step),
+                "lr": lr_at(cfg, st.step),
                 "samples": samples,
                 "loss_tokens": r["loss_tokens"],
                 "time_per_sample_ms": 1000.0 * step_s / samples,
                 "step_time_s": step_s,
                 "tokens_per_s": real_tokens / step_s,
                 "padding_fraction": 1.0 - real_tokens / max(padded, 1),
-                "packs": len(plan.rows),
+                "packs": len(st.rows),
                 "useful_tflops": useful / step_s / 1e12 / lay.world_size,
-                "rank_compute_ms": [1000.0 * float(x) for x in times.tolist()],
-                "predicted_rank_cost": plan.predicted_rank_cost,
-                "epoch": plan.epoch,
+                "rank_compute_ms": [1000.0 * x for x in rank_s],
+                "predicted_rank_cost": st.predicted_rank_cost,
+                "straggler_predicted": step_ratio(st.predicted_rank_cost),
+                "straggler_measured": step_ratio(dp_s),
+                "epoch": st.epoch,
                 "skipped_steps": skipped_steps,
             }
+            if st.predicted_bubble is not None:
+                rec["predicted_bubble"] = st.predicted_bubble
             if skipped_samples or bad_samples:
                 rec["skipped_samples"] = skipped_samples  # excluded when the source was opened
                 rec["bad_samples"] = bad_samples  # failed to decode during training (loss zeroed)
@@ -190,8 +210,16 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
             if peak:
                 rec["mfu"] = useful / step_s / lay.world_size / peak
             if t.log_sample_ids:
-                ids = getattr(b.data.source, "ids", None)  # record ids where the source has them
-                rec["sample_ids"] = [ids[i] for i in plan.sample_ids] if ids is not None else plan.sample_ids
+                rec["sample_ids"] = [b.data.record_id(i) for i in st.sample_ids]  # record ids
+                rec["rank_sample_ids"] = _ran(b, r["sample_ids_local"])
+            fit = b.data.observe(st, dp_s)
+            if fit is not None:
+                rec["calibrated_cost_model"] = fit["cost_model"]
+                runlog.info(
+                    "step %d: cost model calibrated on %d rank-steps (relative residual %.3f): %s",
+                    st.step + 1, fit["observations"], fit["relative_residual"],
+                    ", ".join(f"{k}={v:.3e}" for k, v in fit["cost_model"].items() if isinstance(v, float)),
+                )
             if not r["update_ok"]:
                 rec["skipped"] = True
             done = step + 1
@@ -226,7 +254,7 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
                 bar.update(1)
             if fatal:
                 raise faults.NonFiniteError(
-                    f"step {plan.step}: {consecutive} consecutive steps with a NaN/Inf loss or gradient "
+                    f"step {st.step}: {consecutive} consecutive steps with a NaN/Inf loss or gradient "
                     f"(trainer.max_consecutive_nonfinite={t.max_consecutive_nonfinite}); stopping. The parameters "
                     f"are those before the first of these steps; lower trainer.lr, check the data of these steps "
                     f"(trainer.log_sample_ids=true), or resume from the last checkpoint."

@@ -11,8 +11,7 @@ import torch
 
 from mmtrain.config import MMTrainConfig
 from mmtrain.parallel import setup
-from mmtrain.steps.datamodule import DataModule, buffer_size
-from mmtrain.train import flops as flops_mod
+from mmtrain.steps.from_config import buffer_size
 
 
 # Dense bf16 peak per device (TFLOP/s), used when the cluster config does not say (cluster=cpu on a GPU box).
@@ -29,9 +28,13 @@ def peak_flops(cfg: MMTrainConfig, device: torch.device) -> float:
     return next((tf * 1e12 for key, tf in _KNOWN_PEAKS if key in name), 0.0)
 
 
-def useful_flops(data: DataModule, plan) -> float:
-    """Useful FLOPs of a step (real tokens only; mmtrain/train/flops.py), for TFLOP/s and MFU."""
-    return flops_mod.step_flops(data.cfg.model, data.sample_lengths(plan), data.plan_tiles(plan), data.tokens_per_tile)
+def step_ratio(values) -> Optional[float]:
+    """max / mean (a straggler ratio); None when there is nothing to compare."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return None
+    mean = sum(vals) / len(vals)
+    return max(vals) / mean if mean > 0 else 1.0
 
 
 class MetricsWriter:

@@ -116,17 +116,19 @@ def _mask_failed_samples(b: Built, mbs: list[PackedMicroBatch]) -> int:
     return n
 
 
-def run_step(b: Built, plan, injector: Optional[faults.FaultInjector] = None) -> dict:
-    """Forward/backward over this rank's micro-batches of `plan`, then the optimizer step, unless
-    the loss or a gradient is NaN/Inf on any rank: then the update is skipped (`nonfinite`)."""
+def run_step(b: Built, st, injector: Optional[faults.FaultInjector] = None) -> dict:
+    """Forward/backward over this rank's micro-batches of step `st` (a `mmtrain.steps.stream.Step`),
+    then the optimizer step, unless the loss or a gradient is NaN/Inf on any rank: then the update
+    is skipped (`nonfinite`)."""
     for group in b.optimizer.param_groups:
-        group["lr"] = lr_at(b.cfg, plan.step)
-    mbs = list(b.data.micro_batches(plan))
+        group["lr"] = lr_at(b.cfg, st.step)
+    mbs = list(b.data.micro_batches(st))
     bad = _mask_failed_samples(b, mbs)
-    r = forward_backward(b, mbs, step=plan.step)
+    r = forward_backward(b, mbs, step=st.step)
     r["bad_samples_local"] = bad
+    r["sample_ids_local"] = [s for mb in mbs for s in mb.sample_ids]  # what this rank ran, in order
     if injector is not None:
-        injector.after_backward(plan.step, r, b.model)
+        injector.after_backward(st.step, r, b.model)
     if not (math.isfinite(r["loss_sum"]) and faults.grads_finite(b.model, b.layout.device)):
         r.update(grad_norm=float("nan"), update_ok=False, nonfinite=True)
         return r

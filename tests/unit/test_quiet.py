@@ -40,5 +40,5 @@ def test_filter_keeps_other_warnings(monkeypatch):
         warnings.simplefilter("always")
         quiet.install()
         warnings.warn_explicit("TE not installed", UserWarning, "x.py", 1, module="megatron.core.optimizer")
-        warnings.warn_explicit("ours", UserWarning, "y.py", 1, module="mmtrain.steps.planner")
+        warnings.warn_explicit("ours", UserWarning, "y.py", 1, module="mmtrain.steps.stream")
     assert [str(w.message) for w in seen] == ["ours"]

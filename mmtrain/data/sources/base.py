@@ -1,8 +1,13 @@
-"""What every source hands the analysis: per-sample token counts plus a log of bad samples.
+"""The one Source protocol, for analysis and for training.
 
-Why a single result type: the statistics, the report and the packer's length tables must not care
-whether counts came from JSON + image headers, tar shards, a length table or the synthetic
-generator. Samples with an error are logged (count + first ids per kind) and left out of the arrays.
+Analysis: `scan()` hands per-sample token counts plus a log of bad samples. Why a single result
+type: the statistics, the report and the packer's length tables must not care whether counts came
+from JSON + image headers, tar shards, a length table or the synthetic generator. Samples with an
+error are logged (count + first ids per kind) and left out of the arrays.
+
+Training: a source that `python -m mmtrain.train` can read also has the members of
+`TRAINING_MEMBERS` (see `Source`): record ids, the shapes the step assembler packs and balances
+(no pixels, no token ids), and `sample()` for the content of one sample when a step needs it.
 """
 
 from __future__ import annotations
@@ -117,8 +122,21 @@ class ScanOptions:
         )
 
 
+TRAINING_MEMBERS = ("ids", "tiles", "text_tokens", "sample", "__len__")
+
+
 class Source(ABC):
-    """A data set that can be scanned for token counts and iterated sample by sample."""
+    """A data set that can be scanned for token counts, and, if training reads it:
+
+    ids          list[str]: every sample's record id (what metrics, plan files and errors name)
+    tiles        int64 [n]: fixed-size ViT tiles of each sample (0 = text only)
+    text_tokens  int64 [n]: decoder text tokens of each sample
+    sample(index, with_pixels, keep_tokens=None) -> mmtrain.steps.batch.Sample: the content of
+                 sample `index` (pixels only when `with_pixels`; text cut to `keep_tokens` total
+                 tokens when the packer truncated it)
+    len(source)  the number of samples training sees
+    Decoder length = tiles x the model's tokens per tile + text_tokens.
+    """
 
     kind: str = "source"
 
@@ -131,6 +149,16 @@ class Source(ABC):
 
     def describe(self) -> str:
         return self.kind
+
+
+def check_trainable(source: Any, name: str) -> None:
+    """Raise naming the missing members if `source` cannot feed training."""
+    missing = [m for m in TRAINING_MEMBERS if not hasattr(source, m)]
+    if missing:
+        raise TypeError(f"data={name}: {type(source).__name__} cannot feed training (missing {', '.join(missing)})")
+    n = len(source)
+    if not (len(source.ids) == len(source.tiles) == len(source.text_tokens) == n):
+        raise ValueError(f"data={name}: ids, tiles and text_tokens must each hold one entry per sample ({n})")
 
 
 def progress_bar(total: int | None, desc: str, enabled: bool):

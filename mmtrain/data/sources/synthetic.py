@@ -1,4 +1,5 @@
-"""The seed's synthetic 1-20-tile data as a Source: length columns for analysis, tensors for training.
+"""The seed's synthetic 1-20-tile data as a Source: length columns for analysis, samples for training
+(`data=synthetic_tiles`), both from the one generator in `mmtrain.data.synthetic`.
 
 Addressed on the command line as `synthetic:KEY=VALUE,...` with the fields of SyntheticTilesSpec
 (`num_samples`, `min_tiles`, `max_tiles`, `tile_distribution`, `min_text_tokens`,
@@ -10,7 +11,9 @@ Addressed on the command line as `synthetic:KEY=VALUE,...` with the fields of Sy
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any, Iterator
+from typing import Any
+
+import numpy as np
 
 from mmtrain.data import synthetic
 from mmtrain.data.sources.base import ErrorLog, ScanOptions, ScanResult, Source
@@ -51,6 +54,7 @@ class SyntheticSource(Source):
         image_size: int = 28,
         tokens_per_tile: int | None = None,
         vocab_size: int = synthetic.FIRST_TEXT_ID + 1024,
+        channels: int = 3,
     ) -> None:
         extra: dict[str, int] = {}
         if isinstance(spec, str):
@@ -59,6 +63,8 @@ class SyntheticSource(Source):
         self.image_size = extra.get("image_size", image_size)
         self.tokens_per_tile = extra.get("tokens_per_tile", tokens_per_tile)
         self.vocab_size = vocab_size
+        self.channels = channels
+        self._shapes: tuple[np.ndarray, np.ndarray] | None = None
 
     def describe(self) -> str:
         return f"synthetic tiles {self.spec}"
@@ -66,23 +72,48 @@ class SyntheticSource(Source):
     def scan(self, options: ScanOptions | None = None) -> ScanResult:
         opt = (options or ScanOptions()).resolved()
         per_tile = self.tokens_per_tile or opt.accounting.tile_tokens
-        cols = synthetic.length_table_columns(self.spec, per_tile)
+        image = self.tiles * np.int64(per_tile)
         return ScanResult(
-            ids=[str(i) for i in cols["id"]],
-            image_tokens=cols["image_tokens"],
-            text_tokens=cols["text_tokens"],
-            total_tokens=cols["image_tokens"] + cols["text_tokens"],
-            tiles=cols["tiles"],
+            ids=self.ids,
+            image_tokens=image,
+            text_tokens=self.text_tokens,
+            total_tokens=image + self.text_tokens,
+            tiles=self.tiles,
             errors=ErrorLog(),
             num_scanned=self.spec.num_samples,
             notes=[f"synthetic: {per_tile} tokens per tile; text has no placeholder token"],
         )
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        """Training samples: `pixels` float32 tensor [tiles, 3, S, S] and `text` int64 token ids."""
-        import torch
+    # ---- training ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.spec.num_samples
 
-        for i in range(self.spec.num_samples):
-            text, _ = synthetic.sample_text(self.spec, i, vocab_size=self.vocab_size)
-            pixels = synthetic.sample_pixels(self.spec, i, self.image_size)
-            yield {"id": i, "tiles": pixels.shape[0], "pixels": torch.from_numpy(pixels), "text": torch.from_numpy(text)}
+    @property
+    def ids(self) -> list[str]:
+        return [str(i) for i in range(self.spec.num_samples)]
+
+    def _shape_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._shapes is None:
+            self._shapes = synthetic.sample_shapes(self.spec)
+        return self._shapes
+
+    @property
+    def tiles(self) -> np.ndarray:
+        return self._shape_arrays()[0]
+
+    @property
+    def text_tokens(self) -> np.ndarray:
+        return self._shape_arrays()[1]
+
+    def sample(self, index: int, with_pixels: bool, keep_tokens: int | None = None):
+        from mmtrain.steps.batch import Sample
+
+        if self.tokens_per_tile is None:
+            raise ValueError("SyntheticSource: training needs tokens_per_tile (the model's image tokens per tile)")
+        text, _ = synthetic.sample_text(self.spec, index, self.vocab_size)
+        tiles = int(self.tiles[index])
+        image_tokens = tiles * self.tokens_per_tile
+        if keep_tokens is not None:  # packing.oversize_policy=truncate cuts text, never the image
+            text = text[: max(keep_tokens - image_tokens, 1)]
+        pixels = synthetic.sample_pixels(self.spec, index, self.image_size, self.channels) if with_pixels else None
+        return Sample(sample_id=index, text=text, pixels=pixels, tiles=tiles, image_tokens=image_tokens)

@@ -81,3 +81,23 @@ def test_cfg_job_from_the_command_line():
     assert cfg.parallel.tensor_model_parallel_size == 1 and cfg.parallel.pipeline_model_parallel_size == 1
     assert cfg.cluster.procs_per_node == 4
     assert cfg.packing.enabled is True and cfg.packing.seq_length == 8192 and cfg.packing.buffer_size == 100
+
+
+@pytest.mark.parametrize("scale", [["cluster=h20"], ["model=tiny", "cluster=cpu"]], ids=["full", "cpu_smoke"])
+def test_h20_4gpu_dp4_gives_every_rank_work_every_step(scale):
+    """Global batch 8 = 8 packs a step on 4 ranks: 2 packs each, balanced (the seed's shapes at full
+    scale: 1-20 tiles x 256 tokens, seq 8192; and the CPU smoke scale)."""
+    from mmtrain.steps.simulate import figures, run_steps
+
+    cfg = compose(["recipe=h20_4gpu_dp4", *scale, "trainer.max_steps=12"])
+    steps, _ = run_steps(cfg, dp=4)
+    for st in steps:
+        assert [sum(len(mb) for mb in r) for r in st.rank_micro_batches] == [2, 2, 2, 2]
+        assert min(st.predicted_rank_cost) > 0
+    assert figures(steps, cfg.packing.seq_length)["straggler"] <= 1.01
+
+
+def test_a_renamed_key_fails_naming_the_new_one():
+    with pytest.raises(ValueError, match="packing.max_tiles_per_pack"):
+        compose(["packing.max_images_per_pack=4"])
+    assert compose(["packing.max_tiles_per_pack=4"]).packing.max_tiles_per_pack == 4

@@ -99,7 +99,7 @@ def test_keep_last_and_complete_checkpoints(ref):
     path = out / "checkpoints" / "step_00000012"
     meta = ck.read_meta(path)
     assert meta["step"] == STEPS and meta["layout"] == {"tp": 1, "pp": 1, "dp": 1, "world_size": 1}
-    assert {"epoch", "cursor", "step", "pending", "packer"} <= set(meta["data"]["planner"])
+    assert {"epoch", "cursor", "step", "pending", "queue", "packer"} <= set(meta["data"]["steps"])
     assert ck.validate(path) is None and set(meta["files"]) == {".metadata", "__0_0.distcp"}
     assert meta["bytes"] == sum((path / f).stat().st_size for f in meta["files"])
     stored = ck.stored_tensors(path)  # full tensors by global name

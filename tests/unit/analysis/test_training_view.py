@@ -1,4 +1,4 @@
-"""`mmtrain analyze` on the training config: exactly the lengths training sees (the planner's
+"""`mmtrain analyze` on the training config: exactly the lengths training sees (the step stream's
 lengths, `mmtrain lengths`' table), skipped samples named, aspect ratios of the real images, and
 figures that read: packing.seq_length marked, legends, plain tick labels."""
 
@@ -13,7 +13,7 @@ from mmtrain.analysis import report
 from mmtrain.analysis.plot import pyplot
 from mmtrain.analysis.stats import is_training_config, main
 from mmtrain.config import compose
-from mmtrain.steps.datamodule import build_source, export_lengths_main
+from mmtrain.steps.from_config import build_source, export_lengths_main
 
 SYNTH = ["model=tiny", "data.num_samples=300", "data.max_tiles=12", "packing.seq_length=160"]
 
@@ -30,7 +30,7 @@ def test_synthetic_lengths_equal_training_lengths(tmp_path):
     out = tmp_path / "out"
     assert main(["--out", str(out), *SYNTH, "--ranges", "100-200", "--thresholds", "150"]) == 0
     stats = json.loads((out / "stats.json").read_text())
-    # what the planner packs: tiles x tokens per tile (4x4 patches = 16) + text tokens
+    # what the step stream packs: tiles x tokens per tile (4x4 patches = 16) + text tokens
     src = build_source(compose(SYNTH), 16)
     lengths = np.asarray(src.tiles) * 16 + np.asarray(src.text_tokens)
     tot = stats["total_tokens"]

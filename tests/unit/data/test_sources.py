@@ -138,10 +138,37 @@ def test_synthetic_source_deterministic():
     assert (a.image_tokens == tiles * 256).all() and (a.text_tokens == text).all()
     assert (a.image_tokens == b.image_tokens).all()
     assert (a.total_tokens == a.image_tokens + a.text_tokens).all()
-    first = next(iter(src))
-    assert tuple(first["pixels"].shape) == (tiles[0], 3, 28, 28) and len(first["text"]) == text[0]
+    first = src.sample(0, with_pixels=True)  # the training members of the one Source protocol
+    assert first.pixels.shape == (tiles[0], 3, 28, 28) and len(first.text) == text[0]
+    assert first.image_tokens == 256 * tiles[0] and src.ids[:3] == ["0", "1", "2"]
     with pytest.raises(ValueError):
         open_source("synthetic:bogus=1")
+
+
+def test_synthetic_1000_is_the_same_data_in_analyze_training_and_the_tools():
+    from mmtrain.config import compose
+    from mmtrain.steps.from_config import build_source, tool_config
+
+    analyzed = open_source("synthetic:1000").scan()
+    trained = build_source(compose(["data=synthetic_tiles", "data.num_samples=1000"]), 16)
+    simulated = build_source(tool_config("synthetic:1000", [], []), 16)
+    for src in (trained, simulated):
+        assert (np.asarray(src.tiles) == analyzed.tiles).all() and (np.asarray(src.text_tokens) == analyzed.text_tokens).all()
+        assert list(src.ids) == list(analyzed.ids)
+
+
+def test_length_table_trains_on_its_lengths_with_its_record_ids(tmp_path):
+    from mmtrain.data.sources.lengths import LengthTableSource
+
+    path = tmp_path / "t.csv"
+    path.write_text("id,tiles,image_tokens,text_tokens\nGCC_1,2,512,30\nGCC_2,0,0,7\n")
+    src = LengthTableSource(str(path), tokens_per_tile=16, vocab_size=300)
+    assert src.ids == ["GCC_1", "GCC_2"] and src.tiles.tolist() == [2, 0] and src.text_tokens.tolist() == [30, 7]
+    a, b = src.sample(0, True), src.sample(1, True)
+    assert a.image_tokens == 32 and len(a.text) == 30 and a.pixels.shape == (2, 3, 28, 28)  # tiles x 16, not 512
+    assert b.tiles == 0 and b.pixels.shape[0] == 0 and len(b.text) == 7  # text only
+    assert (a.text == src.sample(0, False).text).all() and src.sample(0, False).pixels is None
+    assert src.scan().image_tokens.tolist() == [512, 0]  # analysis: the columns as they are
 
 
 def test_exact_ranges_and_thresholds():

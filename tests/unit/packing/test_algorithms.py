@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from mmtrain.packing.algorithms import ALGORITHMS, DEFAULT_ALGORITHM, pack_lengths
 from mmtrain.packing.buffered import BufferedPacker
 from mmtrain.packing.plan_file import PlanMismatchError, load_plan
-from mmtrain.packing.policy import plan_packs
+from mmtrain.packing.policy import pack_samples
 
 from packing_checks import brute_min_packs, check, synth  # noqa: E402
 
@@ -78,22 +78,22 @@ def test_oversize_policies():
     lens = np.array([100, 900, 50, 2000])
     text = np.array([100, 100, 50, 1500])
     with pytest.raises(ValueError, match="sample 3"):
-        plan_packs(lens, 1000, algorithm="default")
+        pack_samples(lens, 1000, algorithm="default")
     with pytest.raises(ValueError, match="sample 3"):
         pack_lengths(lens, 1000)
-    r = plan_packs(lens, 1000, oversize_policy="drop")
+    r = pack_samples(lens, 1000, oversize_policy="drop")
     assert r.dropped == [3] and r.summary()["dropped"] == 1
     check(r.packs, lens, 1000, n=3)
-    r = plan_packs(lens, 1000, oversize_policy="truncate", text_tokens=text)
+    r = pack_samples(lens, 1000, oversize_policy="truncate", text_tokens=text)
     assert r.truncated == {3: 1000} and r.summary()["truncated"] == 1
     # image part (1800) longer than the pack: never cut, dropped instead
-    r = plan_packs(lens, 1000, oversize_policy="truncate", text_tokens=np.array([100, 100, 50, 200]))
+    r = pack_samples(lens, 1000, oversize_policy="truncate", text_tokens=np.array([100, 100, 50, 200]))
     assert r.dropped == [3] and not r.truncated
 
 
 def test_buffered_equals_online_and_checkpoint():
     lens, tiles = synth(5000, 3)
-    res = plan_packs(lens, 8192, buffer_size=700)
+    res = pack_samples(lens, 8192, buffer_size=700)
     check(res.packs, lens, 8192)
     bp = BufferedPacker(8192, 700)
     online, state_at = [], None
@@ -115,7 +115,7 @@ def test_buffered_equals_online_and_checkpoint():
 
 def test_buffered_no_carry_is_independent_chunks():
     lens, _ = synth(2500, 4)
-    res = plan_packs(lens, 8192, algorithm="greedy_knapsack", buffer_size=1000, carry_over=False)
+    res = pack_samples(lens, 8192, algorithm="greedy_knapsack", buffer_size=1000, carry_over=False)
     want = []
     for s in range(0, 2500, 1000):
         want += [[s + i for i in p] for p in pack_lengths(lens[s : s + 1000], 8192, "greedy_knapsack")]
@@ -123,19 +123,20 @@ def test_buffered_no_carry_is_independent_chunks():
 
 
 def test_cli_and_plan_roundtrip(tmp_path):
-    from mmtrain.packing.cli import main
+    from mmtrain.steps.pack_cli import main
 
     src = tmp_path / "t.csv"
     lens, tiles = synth(500, 5)
     rows = "\n".join(f"{t},{t * 256},{l - t * 256}" for l, t in zip(lens, tiles))
     src.write_text("tiles,image_tokens,text_tokens\n" + rows + "\n")
     out = tmp_path / "PLAN.jsonl"
-    assert main([str(src), "--seq-length", "8192", "--out", str(out)]) == 0
+    # image tokens = tiles x the model's 256 tokens per tile, as in the table
+    assert main([str(src), "--seq-length", "8192", "--out", str(out), "model=llava_mistral7b_clip224"]) == 0
     from mmtrain.data.lengths import load_length_table
 
     table = load_length_table(src)
     plan = load_plan(out, expected_fingerprint=table.fingerprint())
-    check(plan.packs, lens, 8192)
+    check([[int(i) for i in p] for p in plan.packs], lens, 8192)  # record ids: the row numbers
     assert set(plan.lines[0]) == {"pack", "samples", "tokens"}
     with pytest.raises(PlanMismatchError, match="fingerprint"):
         load_plan(out, expected_fingerprint="sha256:other")
@@ -143,3 +144,7 @@ def test_cli_and_plan_roundtrip(tmp_path):
         bad = tmp_path / "bad.csv"
         bad.write_text("tiles,image_tokens\n1,256\n")
         load_length_table(bad)
+    with pytest.raises(ValueError, match="tokens per tile"):  # tiles but no image_tokens: the model decides
+        bad.write_text("tiles,text_tokens\n1,256\n")
+        load_length_table(bad)
+    assert load_length_table(bad, 16).image_tokens.tolist() == [16]

@@ -5,8 +5,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmtrain.packing import algorithms as A
+from mmtrain.packing import fill_builders as F
 from mmtrain.packing.algorithms import pack_lengths
+from mmtrain.packing.baselines import greedy_knapsack
+from mmtrain.packing.common import NO_TILE_LIMIT, KeyPool
+from mmtrain.packing.search import FillOptions
 from packing_checks import DATA, brute_min_packs, check, synth
 
 from mmtrain.packing.bounds import best_lower_bound, floor_bound, l2_bound, lp_bound, volume_bound
@@ -49,8 +52,8 @@ def test_lp_bound_valid_and_farley_monotone():
 def test_dp_builder_finds_exact_fill():
     # 10 = 6 + 4 = 5 + 3 + 2: every pack can be exactly full
     lens = [6, 4, 5, 3, 2] * 30
-    pool = A._KeyPool(np.asarray(lens), None)
-    used = A._build_dp_pattern(pool, 10, A._NO_TILE_LIMIT)
+    pool = KeyPool(np.asarray(lens), None)
+    used = F._build_dp_pattern(pool, 10, NO_TILE_LIMIT)
     assert sum(k * m for k, m in used.items()) == 10
     packs = pack_lengths(lens, 10)
     check(packs, lens, 10)
@@ -58,12 +61,13 @@ def test_dp_builder_finds_exact_fill():
 
 
 @pytest.mark.parametrize("maxk", [4, 16, 256])
-def test_dp_builder_valid_with_tiles_and_alignment(maxk, monkeypatch):
+def test_dp_builder_valid_with_tiles_and_alignment(maxk):
     lens, tiles = synth(6000, 11)
-    monkeypatch.setattr(A, "FILL_BUILDERS", (lambda p, c, t: A._build_dp_pattern(p, c, t, maxk=maxk),))
-    p = pack_lengths(lens, 8192, "fill", tiles=tiles, max_tiles_per_pack=24, segment_align=16, pack_align=128)
+    opts = FillOptions(builders=(lambda p, c, t: F._build_dp_pattern(p, c, t, maxk=maxk),))
+    kw = dict(tiles=tiles, max_tiles_per_pack=24, segment_align=16, pack_align=128, fill_options=opts)
+    p = pack_lengths(lens, 8192, "fill", **kw)
     check(p, lens, 8192, tiles, 24, 16, 128)
-    assert p == pack_lengths(lens, 8192, "fill", tiles=tiles, max_tiles_per_pack=24, segment_align=16, pack_align=128)
+    assert p == pack_lengths(lens, 8192, "fill", **kw)
 
 
 @pytest.mark.skipif(not (DATA / "ai2d_train_12k.csv").exists(), reason="shared data not present")
@@ -82,17 +86,17 @@ def test_count_based_largest_fits_is_greedy_knapsack(tiles_limit):
     lens, tiles = synth(4000, 21)
     lens = lens // 64 * 64  # many repeated lengths, so patterns repeat
     tl = tiles if tiles_limit else None
-    tb = tiles_limit or A._NO_TILE_LIMIT
-    got = A._fill_with(A._build_largest_fits, lens, 8192, tl, tb)
-    want = A.greedy_knapsack(lens, 8192, tl, tiles_limit)
+    tb = tiles_limit or NO_TILE_LIMIT
+    got = F.fill_with(F._build_largest_fits, lens, 8192, tl, tb)
+    want = greedy_knapsack(lens, 8192, tl, tiles_limit)
     assert sorted(map(sorted, got)) == sorted(map(sorted, want))
 
 
 def test_dp_prefer_small_same_slack_smaller_items():
     lens = [60, 40, 30, 20, 10] * 3 + [100]
     for prefer_small in (False, True):
-        pool = A._KeyPool(np.asarray(lens), None)
-        used = A._build_dp_pattern(pool, 150, A._NO_TILE_LIMIT, prefer_small=prefer_small)
+        pool = KeyPool(np.asarray(lens), None)
+        used = F._build_dp_pattern(pool, 150, NO_TILE_LIMIT, prefer_small=prefer_small)
         assert sum(k * m for k, m in used.items()) == 150 and used[100] == 1
         if prefer_small:
             assert max(k for k in used if k != 100) <= 30
@@ -107,34 +111,34 @@ def test_dp_memo_respects_counts():
 
 
 def test_offline_fill_not_worse_than_buffered_with_carry():
-    from mmtrain.packing.policy import plan_packs
+    from mmtrain.packing.policy import pack_samples
 
     lens, _ = synth(12000, 5)
-    off = plan_packs(lens, 8192)
+    off = pack_samples(lens, 8192)
     check(off.packs, lens, 8192)
-    for b in A.OFFLINE_BUFFERS:
-        assert len(off.packs) <= len(plan_packs(lens, 8192, buffer_size=b).packs)
+    for b in FillOptions().offline_buffers:
+        assert len(off.packs) <= len(pack_samples(lens, 8192, buffer_size=b).packs)
 
 
 @pytest.mark.skipif(not (DATA / "docvqa_train_10k.csv").exists(), reason="shared data not present")
 def test_docvqa_offline_at_least_buffered():
     from mmtrain.data.lengths import load_length_table
-    from mmtrain.packing.policy import plan_packs
+    from mmtrain.packing.policy import pack_samples
 
     lens = load_length_table(DATA / "docvqa_train_10k.csv").lengths
     off = pack_lengths(lens, 8192)
     check(off, lens, 8192)
-    assert len(off) <= len(plan_packs(lens, 8192, buffer_size=1000).packs)
+    assert len(off) <= len(pack_samples(lens, 8192, buffer_size=1000).packs)
 
 
 @pytest.mark.skipif(not (DATA / "chartqa_train_18k.csv").exists(), reason="shared data not present")
 def test_buffered_carry_pack_counts_do_not_regress():
     # MAX_CARRIES 4 -> 6: chartqa b100 3042 -> 3032, docvqa b1000 1839 -> 1837 (bench/results/packing.md)
     from mmtrain.data.lengths import load_length_table
-    from mmtrain.packing.policy import plan_packs
+    from mmtrain.packing.policy import pack_samples
 
     for name, b, most in (("chartqa_train_18k", 100, 3032), ("docvqa_train_10k", 1000, 1837)):
         lens = load_length_table(DATA / f"{name}.csv").lengths
-        r = plan_packs(lens, 8192, buffer_size=b)
+        r = pack_samples(lens, 8192, buffer_size=b)
         check(r.packs, lens, 8192)
         assert len(r.packs) <= most

@@ -6,14 +6,18 @@ import os
 import numpy as np
 import pytest
 
-from mmtrain.packing import algorithms as A
+from mmtrain.packing import fill_builders as F
 from mmtrain.packing.buffered import BufferedPacker
-from mmtrain.packing.policy import plan_packs
+from mmtrain.packing.common import NO_TILE_LIMIT, KeyPool
+from mmtrain.packing.policy import pack_samples
+from mmtrain.packing.search import FillOptions, fill
+
+PYTHON_ONLY = FillOptions(use_extension=False)
 
 from packing_checks import DATA  # noqa: E402
 
 needs_ext = pytest.mark.skipif(
-    A._fastpack is None and not os.environ.get("MMTRAIN_REQUIRE_FASTPACK"),
+    F._fastpack is None and not os.environ.get("MMTRAIN_REQUIRE_FASTPACK"),
     reason="C extension not built (pure-Python path in use)",
 )
 
@@ -37,30 +41,25 @@ def _random_case(rng, trial):
 
 @needs_ext
 def test_c_plan_equals_python_plan_random():
-    assert A._fastpack is not None, "MMTRAIN_REQUIRE_FASTPACK set but the extension is not importable"
+    assert F._fastpack is not None, "MMTRAIN_REQUIRE_FASTPACK set but the extension is not importable"
     rng = np.random.default_rng(1234)
     for trial in range(300):
         lens, cap, tiles, max_tiles = _random_case(rng, trial)
-        tb = A._NO_TILE_LIMIT if max_tiles is None else max_tiles
-        base = A._KeyPool(lens, tiles)
-        py = A._best_plan(A._SMALL_PLAN_BUILDERS, base, cap, tb)
-        c = A._fastpack.plan_small(base.keys, [base.cnt[k] for k in base.keys],
+        tb = NO_TILE_LIMIT if max_tiles is None else max_tiles
+        base = KeyPool(lens, tiles)
+        py = F.best_packing(F.SMALL_PACKING_BUILDERS, base, cap, tb)
+        c = F._fastpack.pack_small(base.keys, [base.cnt[k] for k in base.keys],
                                    [base.ptr[k] for k in base.keys], cap, tb, base.tmul)
         assert c[0] == py[0], (trial, c[0], py[0])
         assert [(r, list(cols)) for r, cols in c[1]] == [(r, list(cols)) for r, cols in py[1]], trial
 
 
-def _python_only(monkeypatch):
-    monkeypatch.setattr(A, "_fastpack", None)
-
-
 @needs_ext
-def test_fill_identical_with_and_without_extension(monkeypatch):
+def test_fill_identical_with_and_without_extension():
     rng = np.random.default_rng(7)
     cases = [_random_case(rng, t) for t in range(40)]
-    fast = [A.fill(l, c, t, m) for l, c, t, m in cases]
-    _python_only(monkeypatch)
-    slow = [A.fill(l, c, t, m) for l, c, t, m in cases]
+    fast = [fill(l, c, t, m) for l, c, t, m in cases]
+    slow = [fill(l, c, t, m, options=PYTHON_ONLY) for l, c, t, m in cases]
     assert fast == slow
 
 
@@ -79,27 +78,25 @@ def _bench_sets():
 
 @needs_ext
 @pytest.mark.parametrize("buffer_size,carry", [(1000, True), (100, False)])
-def test_bench_tables_identical(monkeypatch, buffer_size, carry):
+def test_bench_tables_identical(buffer_size, carry):
     for name, lens in _bench_sets().items():
-        fast = plan_packs(lens, 8192, algorithm="fill", buffer_size=buffer_size, carry_over=carry).packs
-        with monkeypatch.context() as m:
-            _python_only(m)
-            slow = plan_packs(lens, 8192, algorithm="fill", buffer_size=buffer_size, carry_over=carry).packs
+        fast = pack_samples(lens, 8192, algorithm="fill", buffer_size=buffer_size, carry_over=carry).packs
+        slow = pack_samples(lens, 8192, algorithm="fill", buffer_size=buffer_size, carry_over=carry,
+                            fill_options=PYTHON_ONLY).packs
         assert fast == slow, name
 
 
-def test_online_without_extension(monkeypatch):
+def test_online_without_extension():
     """The pure-Python fallback alone (as on an install where the build failed) works online."""
-    _python_only(monkeypatch)
     rng = np.random.default_rng(3)
     tiles = rng.integers(1, 21, 3000)
     lens = (tiles * 256 + rng.integers(16, 129, 3000)).tolist()
-    bp = BufferedPacker(8192, 500, max_tiles_per_pack=31)
+    bp = BufferedPacker(8192, 500, max_tiles_per_pack=31, fill_options=PYTHON_ONLY)
     out = []
     for i, x in enumerate(lens):
         out += bp.add(i, x, int(tiles[i]))
     out += bp.flush()
     assert sorted(i for p in out for i in p.sample_ids) == list(range(3000))
     assert all(p.tokens <= 8192 and p.tiles <= 31 for p in out)
-    ref = plan_packs(lens, 8192, buffer_size=500, tiles=tiles, max_tiles_per_pack=31).packs
+    ref = pack_samples(lens, 8192, buffer_size=500, tiles=tiles, max_tiles_per_pack=31).packs
     assert [list(p.sample_ids) for p in out] == ref

@@ -6,11 +6,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmtrain.packing import algorithms as A
-from mmtrain.packing import policy as P
-from mmtrain.packing.algorithms import align_up, effective_capacity, pack_lengths
+from mmtrain.packing.algorithms import align_up, effective_capacity, pack_function, pack_lengths
+from mmtrain.packing.baselines import ffd
 from mmtrain.packing.buffered import BufferedPacker
-from mmtrain.packing.policy import pack_buffer, plan_packs
+from mmtrain.packing.buffering import CarryOptions, pack_buffer
+from mmtrain.packing.policy import pack_samples
+from mmtrain.packing.search import FillOptions
 from mmtrain.packing.repair import repair_packs, top_up
 from packing_checks import DATA, check, synth
 
@@ -21,17 +22,17 @@ def _tokens(packs, lens):
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("sa,pa,max_tiles", [(1, 1, None), (8, 1, None), (1, 64, None), (16, 128, 24), (1, 1, 20)])
-def test_pack_buffer_top_up_valid_and_only_raises_emitted_tokens(seed, sa, pa, max_tiles, monkeypatch):
+def test_pack_buffer_top_up_valid_and_only_raises_emitted_tokens(seed, sa, pa, max_tiles):
     rng = np.random.default_rng(seed)
     n = int(rng.integers(50, 400))
     lens, tiles = synth(n, seed)
     lens = lens // int(rng.integers(1, 4))
-    carry = rng.integers(0, P.MAX_CARRIES + 1, n)
+    o = CarryOptions()
+    carry = rng.integers(0, o.max_carries + 1, n)
     kw = dict(tiles=tiles if max_tiles else None, max_tiles_per_pack=max_tiles, segment_align=sa, pack_align=pa,
-              carry=carry, buffer_size=n)
-    emitted, held = pack_buffer(lens, 8192, "fill", **kw)
-    monkeypatch.setattr(P, "TOP_UP", False)
-    emitted0, held0 = pack_buffer(lens, 8192, "fill", **kw)
+              carry=carry, buffer_size=n, top_up_held=True)
+    emitted, held = pack_buffer(lens, 8192, pack_function("fill"), **kw)
+    emitted0, held0 = pack_buffer(lens, 8192, pack_function("fill"), options=CarryOptions(top_up=False), **kw)
     assert sorted([i for p in emitted for i in p] + held) == list(range(n))  # exactly once
     cap = effective_capacity(8192, pa)
     eff = align_up(lens, sa)
@@ -41,8 +42,8 @@ def test_pack_buffer_top_up_valid_and_only_raises_emitted_tokens(seed, sa, pa, m
             assert tiles[p].sum() <= max_tiles
     assert len(emitted) == len(emitted0)
     assert _tokens(emitted, eff) >= _tokens(emitted0, eff)
-    assert len(held) <= int(n * P.CARRY_FRACTION)
-    assert all(carry[i] < P.MAX_CARRIES for i in held)
+    assert len(held) <= int(n * o.carry_fraction)
+    assert all(carry[i] < o.max_carries for i in held)
     assert held == sorted(held)
 
 
@@ -94,7 +95,7 @@ def test_repair_packs_property(lens, max_tiles, k):
     cap = 1000
     tls = [(x * 3) % 6 for x in lens]
     arr = np.asarray(lens)
-    base = A.ffd(arr, cap, np.asarray(tls) if max_tiles else None, max_tiles)
+    base = ffd(arr, cap, np.asarray(tls) if max_tiles else None, max_tiles)
     out = repair_packs(base, lens, cap, tls if max_tiles else None, max_tiles, max_k=k, work=50_000)
     assert out == repair_packs(base, lens, cap, tls if max_tiles else None, max_tiles, max_k=k, work=50_000)
     assert len(out) <= len(base)
@@ -121,11 +122,10 @@ def test_fill_offline_with_repair_valid(sa, pa, max_tiles):
                                  pack_align=pa)
 
 
-def test_offline_repair_never_increases_pack_count(monkeypatch):
+def test_offline_repair_never_increases_pack_count():
     lens, tiles = synth(6000, 11)
     with_repair = pack_lengths(lens, 8192, "fill", tiles=tiles, max_tiles_per_pack=60)
-    monkeypatch.setattr(A, "REPAIR", False)
-    without = pack_lengths(lens, 8192, "fill", tiles=tiles, max_tiles_per_pack=60)
+    without = pack_lengths(lens, 8192, "fill", tiles=tiles, max_tiles_per_pack=60, fill_options=FillOptions(repair=False))
     assert len(with_repair) <= len(without)
 
 
@@ -133,7 +133,7 @@ def test_offline_repair_never_increases_pack_count(monkeypatch):
 def test_buffered_top_up_online_equals_offline_with_limits(buf):
     lens, tiles = synth(4000, 5)
     kw = dict(max_tiles_per_pack=40, segment_align=8, pack_align=64)
-    res = plan_packs(lens, 8192, buffer_size=buf, tiles=tiles, **kw)
+    res = pack_samples(lens, 8192, buffer_size=buf, tiles=tiles, **kw)
     check(res.packs, lens, 8192, tiles, 40, 8, 64)
     bp = BufferedPacker(8192, buf, **kw)
     online = []
@@ -141,7 +141,7 @@ def test_buffered_top_up_online_equals_offline_with_limits(buf):
         online += bp.add(i, x, t)
     online += bp.flush()
     assert [list(p.sample_ids) for p in online] == res.packs
-    assert res.packs == plan_packs(lens, 8192, buffer_size=buf, tiles=tiles, **kw).packs
+    assert res.packs == pack_samples(lens, 8192, buffer_size=buf, tiles=tiles, **kw).packs
 
 
 @pytest.mark.skipif(not (DATA / "docvqa_train_10k.csv").exists(), reason="bench data not available")
@@ -153,25 +153,25 @@ def test_repair_pack_counts_on_bench_sets():
     for name, b, most in (("docvqa_train_10k", 1000, 1835), ("chartqa_train_18k", 100, 3020),
                           ("docvqa_train_10k", None, 1827), ("chartqa_train_18k", None, 2922)):
         lens = load_length_table(DATA / f"{name}.csv").lengths
-        r = plan_packs(lens, 8192, buffer_size=b)
+        r = pack_samples(lens, 8192, buffer_size=b)
         check(r.packs, lens, 8192)
         assert len(r.packs) <= most, (name, b, len(r.packs))
 
 
-def test_offline_lns_and_repair_same_with_and_without_extension(monkeypatch):
-    # the LNS refill of a many-key input takes the buffer path (C when built): plans must not differ
+def test_offline_lns_and_repair_same_with_and_without_extension():
+    # the LNS refill of a many-key input takes the buffer path (C when built): packings must not differ
     lens, tiles = synth(6000, 13)
     with_ext = pack_lengths(lens, 8192, "fill", tiles=tiles, max_tiles_per_pack=50, segment_align=8)
-    monkeypatch.setattr(A, "_fastpack", None)
-    assert pack_lengths(lens, 8192, "fill", tiles=tiles, max_tiles_per_pack=50, segment_align=8) == with_ext
+    assert pack_lengths(lens, 8192, "fill", tiles=tiles, max_tiles_per_pack=50, segment_align=8,
+                        fill_options=FillOptions(use_extension=False)) == with_ext
 
 
-def test_offline_lns_few_keys_valid_and_not_worse(monkeypatch):
+def test_offline_lns_few_keys_valid_and_not_worse():
     # few distinct keys (VLM-like: tiles * 256 + short text): the LNS refills with the full builders
     rng = np.random.default_rng(3)
     tiles = rng.choice([1, 3, 5, 5, 5, 5], 7000)
     lens = tiles * 256 + rng.integers(30, 140, 7000)
     got = pack_lengths(lens, 8192, "fill", tiles=tiles, max_tiles_per_pack=30, pack_align=16)
     check(got, lens, 8192, tiles, 30, 1, 16)
-    monkeypatch.setattr(A, "LNS_SIZES", ())
-    assert len(got) <= len(pack_lengths(lens, 8192, "fill", tiles=tiles, max_tiles_per_pack=30, pack_align=16))
+    assert len(got) <= len(pack_lengths(lens, 8192, "fill", tiles=tiles, max_tiles_per_pack=30, pack_align=16,
+                                        fill_options=FillOptions(lns_sizes=())))
