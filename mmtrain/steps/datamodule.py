@@ -142,6 +142,10 @@ class DataModule:
         p = self.cfg.packing
         if not p.enabled and p.pad_unpacked_to == "seq_length":
             return p.seq_length
+        if p.enabled and p.pad_to is not None:
+            if p.pad_to != "seq_length":
+                raise ValueError(f"packing.pad_to={p.pad_to!r}: choose seq_length or null")
+            return p.seq_length
         return None
 
     def padded_tokens(self, plan: StepPlan) -> int:

@@ -78,8 +78,8 @@ SABOTAGES: list[Sabotage] = [
         name="rope_theta_truncated",
         claim="a float rope theta is used as it is (int() truncated it)",
         file="mmtrain/models/vlm.py",
-        anchor="            rotary_base=float(cfg.decoder.rotary_base),",
-        replacement="            rotary_base=int(cfg.decoder.rotary_base),",
+        anchor="        self.rope_theta = float(cfg.decoder.rotary_base)",
+        replacement="        self.rope_theta = int(cfg.decoder.rotary_base)",
         tests=("tests/integration/test_hf_models.py::test_logits_losses_and_vit_equal_transformers",),
     ),
     Sabotage(

@@ -2,20 +2,39 @@
 
 Signature: fn(q [T,H,D], k [T,G,D], v [T,G,D], cu_seqlens int32 [N+1], max_seqlen, causal, scale,
 window=None) -> [T,H,D]. `window` (causal only) is transformers' sliding window: query i sees keys
-i - window < j <= i, i.e. flash-attn's window_size=(window - 1, 0). GQA (G < H) is passed through to kernels that take it natively, so K/V are never
-expanded on the fast paths. flash-attn and transformer-engine are optional and import-guarded.
+i - window < j <= i, i.e. flash-attn's window_size=(window - 1, 0). GQA (G < H) is passed through to
+kernels that take it natively, so K/V are never expanded on the fast paths. flash-attn and
+transformer-engine are optional and import-guarded.
+
+A backend counts as available only after a real import *and* a tiny forward + backward on this
+device and dtype that matches the reference: a flash-attn or transformer-engine build that does not
+match the installed torch is then skipped (with one warning) instead of crashing the first step.
+
+  flash_attn / transformer_engine / torch_varlen  CUDA, bf16/fp16: one kernel over the whole stream
+  sdpa       any device and dtype: torch's fused attention one segment at a time (O(L) memory;
+             CUDA fp32 takes the memory-efficient kernel); one host sync per call for the bounds
+  reference  plain matmuls one segment at a time (L x L scores): for tests and short segments
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
-from typing import Callable
+import logging
+import math
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from mmtrain.models.attention.reference import varlen_attention_reference
 
 AttentionFn = Callable[..., torch.Tensor]
+log = logging.getLogger("mmtrain")
+
+# The reference path materialises [H, L, L] fp32 scores per segment; on a GPU it is refused for
+# segments longer than this (a 5k-token segment would need ~3.5 GB per layer call).
+REFERENCE_MAX_SEGMENT_ON_GPU = 1024
 
 
 def _window_size(causal: bool, window) -> tuple[int, int]:
@@ -29,6 +48,38 @@ def _window_size(causal: bool, window) -> tuple[int, int]:
 
 def _reference(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None):
     return varlen_attention_reference(q, k, v, cu_seqlens, causal=causal, scale=scale, window=window)
+
+
+def _sdpa(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None):
+    """torch's scaled_dot_product_attention per segment (memory-efficient / flash / math kernels)."""
+    if window is not None and not causal:
+        raise ValueError("sliding-window attention is causal only")
+    heads, groups = q.shape[1], k.shape[1]
+    if heads % groups:
+        raise ValueError(f"query heads {heads} not a multiple of key/value heads {groups}")
+    rep = heads // groups
+    bounds = cu_seqlens.tolist()
+    parts = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qs = q[start:end].transpose(0, 1)[None]  # [1, H, L, D]
+        ks = k[start:end].transpose(0, 1)
+        vs = v[start:end].transpose(0, 1)
+        if rep > 1:
+            ks, vs = ks.repeat_interleave(rep, dim=0), vs.repeat_interleave(rep, dim=0)
+        mask, is_causal = None, causal
+        if window is not None:
+            n = end - start
+            i = torch.arange(n, device=q.device)
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+            is_causal = False
+        o = F.scaled_dot_product_attention(qs, ks[None], vs[None], attn_mask=mask, is_causal=is_causal, scale=scale)
+        parts.append(o[0].transpose(0, 1))
+    tail = q.shape[0] - (bounds[-1] if bounds else 0)
+    if tail > 0 or not parts:
+        parts.append(q.new_zeros(max(tail, 0), heads, v.shape[-1]))
+    return torch.cat(parts, dim=0)
 
 
 def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None):
@@ -73,42 +124,121 @@ BACKENDS: dict[str, AttentionFn] = {
     "flash_attn": _flash_attn,
     "transformer_engine": _transformer_engine,
     "torch_varlen": _torch_varlen,
+    "sdpa": _sdpa,
     "reference": _reference,
 }
+# The module each optional backend needs; a missing one is "not installed" (no warning).
+_MODULES = {"flash_attn": "flash_attn", "transformer_engine": "transformer_engine", "torch_varlen": "torch.nn.attention.varlen"}
+_FAST = ("flash_attn", "transformer_engine", "torch_varlen")  # CUDA, bf16/fp16 only
+
+AUTO_ORDER = ("flash_attn", "torch_varlen", "transformer_engine", "sdpa", "reference")
 
 
 def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def probe_inputs(device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A tiny GQA stream: two causal segments (3 and 5 tokens), 4 query heads over 2 KV groups."""
+    g = torch.Generator().manual_seed(seed)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
+    q = torch.randn(8, 4, 64, generator=g).to(device, dtype)
+    k = torch.randn(8, 2, 64, generator=g).to(device, dtype)
+    v = torch.randn(8, 2, 64, generator=g).to(device, dtype)
+    return q, k, v, cu
+
+
+def _probe(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """None when `name` imports and computes the tiny case (forward and backward) like the
+    reference; else why not."""
+    module = _MODULES.get(name)
+    if module is not None:
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # a broken build raises anything from ImportError to OSError
+            return f"import {module} failed: {type(e).__name__}: {e}"
+    try:
+        q, k, v, cu = probe_inputs(device, dtype)
+        qs, ks, vs = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+        out = BACKENDS[name](qs, ks, vs, cu, 5, True, None)
+        out.float().square().sum().backward()
+        qr, kr, vr = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+        ref = varlen_attention_reference(qr, kr, vr, cu, causal=True)
+        ref.square().sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as e:
+        return f"a test call failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for what, a, b in (("output", out, ref), ("dq", qs.grad, qr.grad), ("dk", ks.grad, kr.grad), ("dv", vs.grad, vr.grad)):
+        if a is None or a.shape != b.shape:
+            return f"the test call gave no {what} of the right shape"
+        err = float((a.float() - b).abs().max()) / max(float(b.square().mean().sqrt()), 1e-6)
+        if not math.isfinite(err) or err > tol:
+            return f"the test call's {what} differs from the reference ({err:.2e} of its RMS)"
+    return None
+
+
+_PROBED: dict[tuple, Optional[str]] = {}
+
+
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """None if backend `name` can run tensors of this device and dtype here, else why not (cached)."""
+    if name not in BACKENDS:
+        raise KeyError(name)
+    if name == "reference":
+        return None
+    half = dtype in (torch.float16, torch.bfloat16)
+    if name in _FAST:
+        if device.type != "cuda":
+            return "needs CUDA"
+        if not half:
+            return f"needs bf16/fp16, not {dtype}"
+        if not _installed(_MODULES[name]):
+            return f"{_MODULES[name]} is not installed"
+    key = (name, device.type, device.index, dtype)
+    if key not in _PROBED:
+        _PROBED[key] = _probe(name, device, dtype)
+    return _PROBED[key]
 
 
 def available(name: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether backend `name` can run tensors of this device and dtype here."""
-    half = dtype in (torch.float16, torch.bfloat16)
-    if name == "reference":
-        return True
-    if device.type != "cuda" or not half:
-        return False
-    if name == "torch_varlen":
-        return importlib.util.find_spec("torch.nn.attention.varlen") is not None
-    if name == "flash_attn":
-        return _installed("flash_attn")
-    if name == "transformer_engine":
-        return _installed("transformer_engine")
-    raise KeyError(name)
+    return unavailable_reason(name, device, dtype) is None
 
 
-AUTO_ORDER = ("flash_attn", "transformer_engine", "torch_varlen", "reference")
+_WARNED: set[tuple] = set()
+
+
+def _auto_candidates(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
+    if device.type != "cuda":
+        return ("reference",)  # CPU: the exact path the tests compare everything against
+    return tuple(n for n in AUTO_ORDER if n != "reference")  # never L x L scores on a GPU
 
 
 def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Pick a backend: `auto` takes the first available in AUTO_ORDER; a named one must be available."""
+    """Pick a backend: `auto` takes the first available in AUTO_ORDER (CUDA: never `reference`; an
+    installed backend that fails its test call is skipped with one warning); a named one must be
+    available."""
     if name == "auto":
-        return next(n for n in AUTO_ORDER if available(n, device, dtype))
+        for cand in _auto_candidates(device, dtype):
+            why = unavailable_reason(cand, device, dtype)
+            if why is None:
+                return cand
+            failed_probe = _PROBED.get((cand, device.type, device.index, dtype)) is not None
+            if failed_probe and (cand, device.type, dtype) not in _WARNED:  # installed, but broken here
+                _WARNED.add((cand, device.type, dtype))
+                log.warning("attention backend %s is installed but unusable here (%s); trying the next one", cand, why)
+        raise RuntimeError(f"no attention backend can run {device.type}/{dtype} here")
     if name not in BACKENDS:
         raise ValueError(f"model.attention_backend={name!r}: choose one of auto, {', '.join(BACKENDS)}")
-    if not available(name, device, dtype):
+    why = unavailable_reason(name, device, dtype)
+    if why is not None:
         raise ValueError(
-            f"model.attention_backend={name!r} cannot run on {device.type}/{dtype} here "
-            "(fast backends need CUDA and bf16/fp16; flash_attn / transformer_engine must be installed)"
+            f"model.attention_backend={name!r} cannot run on {device.type}/{dtype} here: {why} "
+            "(fast backends need CUDA and bf16/fp16; use model.attention_backend=auto)"
         )
     return name
