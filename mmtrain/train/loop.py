@@ -20,6 +20,7 @@ from mmtrain.train.log import RunLog, require_wandb
 from mmtrain.train.lr import lr_at
 from mmtrain.train.metrics import MetricsWriter, _progress, _read_metrics, peak_flops, summarize, useful_flops
 from mmtrain.train.preemption import Preempted, PreemptionHandler
+from mmtrain.train.runtime import step_feed
 from mmtrain.train.step import run_step
 
 
@@ -84,6 +85,9 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
     bad_samples = int(counters.get("bad_samples", 0))
     skipped_samples = int(getattr(b.data.source, "skipped_samples", 0))
     last_saved = start if start else -1
+    # Plans and builds step k+1 on a thread while step k computes; its state_dict() is the data
+    # state after the last *consumed* step, which is what a checkpoint must hold.
+    feed = step_feed(b, limit=t.max_steps - start)
 
     def save(done: int) -> None:
         nonlocal last_saved
@@ -93,16 +97,17 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
             "source_fingerprint": src_fp,
             "counters": {"skipped_steps": skipped_steps, "consecutive_nonfinite": consecutive, "bad_samples": bad_samples},
         }
-        ckpt.save(b, done, b.data.state_dict(), extra, t.keep_last)
+        ckpt.save(b, done, feed.state_dict(), extra, t.keep_last)
         last_saved = done
 
     try:
         for step in range(start, t.max_steps):
-            plan = b.data.next_step()
+            t0 = time.perf_counter()
+            ready = feed.next()
+            plan = ready.plan
             if plan.step != step:
                 raise RuntimeError(f"data plan is at step {plan.step}, the trainer at step {step}")
-            t0 = time.perf_counter()
-            r = run_step(b, plan, injector)
+            r = run_step(b, plan, injector, micro_batches=ready.micro_batches)
             step_s = time.perf_counter() - t0
             # Measured per-rank compute time next to the balancer's prediction; the last slot sums
             # the samples whose image failed to decode (counted once: TP rank 0 of the first stage).
@@ -132,6 +137,7 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
                 "loss_tokens": r["loss_tokens"],
                 "time_per_sample_ms": 1000.0 * step_s / samples,
                 "step_time_s": step_s,
+                "data_wait_ms": 1000.0 * ready.wait_s,  # part of step_time_s the loop waited for input
                 "tokens_per_s": real_tokens / step_s,
                 "padding_fraction": 1.0 - real_tokens / max(padded, 1),
                 "packs": len(plan.rows),
@@ -195,6 +201,7 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
         )
         return summary
     finally:
+        feed.close()
         if bar is not None:
             bar.close()
         writer.close()

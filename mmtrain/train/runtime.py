@@ -68,3 +68,24 @@ def overlap_grad_reduce(cfg: MMTrainConfig, dp: int) -> bool:
     if cfg.perf.overlap_grad_reduce is not None:
         return bool(cfg.perf.overlap_grad_reduce)
     return dp > 1 and not cfg.model.freeze_lm
+
+
+def static_shape(cfg: MMTrainConfig):
+    """The fixed micro-batch shape perf.compile needs (tokens and cu_seqlens size), else None."""
+    from mmtrain.steps.prefetch import StaticShape
+
+    tokens = static_tokens(cfg)
+    if cfg.perf.compile == "none" or tokens is None:
+        return None
+    return StaticShape(tokens=tokens, segments=cfg.perf.max_segments)
+
+
+def step_feed(b, limit: Optional[int] = None):
+    """The loop's feed of (plan, micro-batches) for this rank, per perf.prefetch / perf.pin_memory."""
+    from mmtrain.steps.prefetch import StepFeed
+
+    p = b.cfg.perf
+    return StepFeed(
+        b.data, b.layout.device, prefetch=p.prefetch, pin_memory=p.pin_memory, pixel_dtype=b.dtype,
+        static=static_shape(b.cfg), limit=limit,
+    )
