@@ -74,10 +74,12 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
         bar.update(start)
     runlog = RunLog(cfg, out_dir, is_rank0, start)
     runlog.set_progress_bar(bar)
+    attn = getattr(b.model.module, "attention_backends", {})
     runlog.info(
-        "run: model=%s packing=%s world=%d (TP%d PP%d DP%d) device=%s steps %d..%d%s -> %s",
+        "run: model=%s packing=%s world=%d (TP%d PP%d DP%d) device=%s %s attention=%s steps %d..%d%s -> %s",
         cfg.model.name, "on" if cfg.packing.enabled else "off", lay.world_size, lay.tp, lay.pp, lay.dp,
-        lay.device, start + 1, t.max_steps, f" (resumed after step {start})" if start else "", out_dir,
+        lay.device, t.precision, "/".join(dict.fromkeys(attn.values())) or "-", start + 1, t.max_steps,
+        f" (resumed after step {start})" if start else "", out_dir,
     )
     peak = peak_flops(cfg, lay.device)
     skipped_steps = int(counters.get("skipped_steps", 0))

@@ -13,6 +13,8 @@ match the installed torch is then skipped (with one warning) instead of crashing
   flash_attn / transformer_engine / torch_varlen  CUDA, bf16/fp16: one kernel over the whole stream
   sdpa       any device and dtype: torch's fused attention one segment at a time (O(L) memory;
              CUDA fp32 takes the memory-efficient kernel); one host sync per call for the bounds
+  dense      any device and dtype: one masked attention over the whole stream (T x T block-diagonal
+             mask from cu_seqlens, no host sync, static shapes: traceable by torch.compile); small T only
   reference  plain matmuls one segment at a time (L x L scores): for tests and short segments
 """
 
@@ -82,6 +84,25 @@ def _sdpa(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None):
     return torch.cat(parts, dim=0)
 
 
+def _dense(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None):
+    """Whole-stream attention under a block-diagonal mask built on the device from cu_seqlens."""
+    if window is not None and not causal:
+        raise ValueError("sliding-window attention is causal only")
+    total, heads = q.shape[0], q.shape[1]
+    rep = heads // k.shape[1]
+    pos = torch.arange(total, device=q.device)
+    seg = torch.searchsorted(cu_seqlens[1:].to(torch.int64), pos, right=True)  # segment of every token
+    allowed = seg[:, None] == seg[None, :]
+    if causal:
+        allowed = allowed & (pos[None, :] <= pos[:, None])
+    if window is not None:
+        allowed = allowed & (pos[None, :] > pos[:, None] - window)
+    ks = k.repeat_interleave(rep, dim=1) if rep > 1 else k
+    vs = v.repeat_interleave(rep, dim=1) if rep > 1 else v
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1), attn_mask=allowed, scale=scale)
+    return o.transpose(0, 1)
+
+
 def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None):
     from torch.nn.attention.varlen import varlen_attn
 
@@ -125,6 +146,7 @@ BACKENDS: dict[str, AttentionFn] = {
     "transformer_engine": _transformer_engine,
     "torch_varlen": _torch_varlen,
     "sdpa": _sdpa,
+    "dense": _dense,
     "reference": _reference,
 }
 # The module each optional backend needs; a missing one is "not installed" (no warning).
@@ -216,7 +238,7 @@ _WARNED: set[tuple] = set()
 def _auto_candidates(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
     if device.type != "cuda":
         return ("reference",)  # CPU: the exact path the tests compare everything against
-    return tuple(n for n in AUTO_ORDER if n != "reference")  # never L x L scores on a GPU
+    return tuple(n for n in AUTO_ORDER if n != "reference")  # never per-segment L x L scores on a GPU
 
 
 def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
