@@ -125,10 +125,15 @@ def configure_cuda_allocator(expandable_segments: bool) -> None:
     if not expandable_segments or "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
         return
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    # torch reads the variable when it loads; set the live allocator config too
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
     try:
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
-    except Exception:  # pragma: no cover - the env var alone still applies at CUDA start-up
-        pass
+        if setter is not None:
+            setter("expandable_segments:True")
+        else:  # pragma: no cover - older torch
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except Exception as e:  # pragma: no cover - depends on the CUDA build
+        logging.getLogger("mmtrain").warning("could not turn on expandable_segments: %s", e)
 
 
 def check_parallel(par: ParallelConfig) -> None:

@@ -115,3 +115,17 @@ def test_model_runtime_decides_the_autos():
     assert runtime.overlap_grad_reduce(compose(["model.freeze_lm=false"]), dp=2)
     assert not runtime.overlap_grad_reduce(compose(["model.freeze_lm=true"]), dp=2)
     assert not runtime.overlap_grad_reduce(compose([]), dp=1)
+
+
+def test_expandable_segments_set_before_cuda_starts(monkeypatch):
+    calls = []
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
+    setup.configure_cuda_allocator(True)
+    assert calls == ["expandable_segments:True"]
+    import os
+
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")  # the user's setting wins
+    setup.configure_cuda_allocator(True)
+    assert calls == ["expandable_segments:True"]
