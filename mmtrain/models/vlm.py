@@ -87,6 +87,9 @@ class Runtime:
     recompute_num_layers: int = 1
     static_tokens: Optional[int] = None  # every micro-batch holds exactly this many tokens
     batch_p2p_sync: bool = True  # a device sync after each batched PP send/recv (old NCCL bug)
+    # Every trainable parameter gets a gradient in every micro-batch, images or not (megatron's
+    # overlapped grad reduce waits for each parameter of a bucket before reducing it).
+    grads_every_micro_batch: bool = False
 
 
 def _common(par: ParallelShape, dtype: torch.dtype, use_cpu_init: bool, rt: Optional[Runtime] = None) -> dict:
@@ -283,6 +286,9 @@ class VLM(MegatronModule):
             for layer in self.vision.blocks.layers:
                 layer.compile(dynamic=True)
 
+    def _image_path_trains(self) -> bool:
+        return any(p.requires_grad for m in (self.vision, self.projector) if m is not None for p in m.parameters())
+
     def rope_tables(self, position_ids: torch.Tensor) -> rope.RotaryTables:
         """cos/sin of every token of the micro-batch, from its per-sample position ids (one small
         outer product and two elementwise kernels per micro-batch, no host sync)."""
@@ -335,6 +341,11 @@ class VLM(MegatronModule):
             if images is not None and images.shape[0] > 0:
                 vis = self.projector(self.vision(images))  # [tiles*P, h]
                 emb = emb.index_put((image_token_index, torch.zeros_like(image_token_index)), vis.to(emb.dtype))
+            elif self.runtime.grads_every_micro_batch and torch.is_grad_enabled() and self._image_path_trains():
+                # No tile here: one black tile through the ViT and projector, added as 0 x its
+                # features, gives their parameters the (zero) gradients the overlapped reduce waits for.
+                vis = self.projector(self.vision(self.vision.blank_tiles(1, emb.device)))
+                emb = emb + 0.0 * vis.sum().to(emb.dtype)
             decoder_input = emb
         return self.language_model(
             input_ids=tokens[None],

@@ -91,7 +91,7 @@ def build_model(cfg: MMTrainConfig, layout: setup.ParallelLayout, dtype: torch.d
     import torch.distributed as dist
 
     backend = dist.get_backend() if dist.is_initialized() else "gloo"
-    rt = runtime.model_runtime(cfg, layout.device, backend)
+    rt = runtime.model_runtime(cfg, layout.device, backend, layout.dp)
     vlm = VLM(cfg.model, ParallelShape(layout.tp, layout.pp), dtype, use_cpu_init=on_cpu, backend=cfg.model.attention_backend, runtime=rt)
     # Our own ViT stem (conv, positions, LNs) is built in fp32; run the whole model in the training
     # dtype (the megatron optimizer keeps fp32 main params for bf16).

@@ -35,7 +35,7 @@ def static_tokens(cfg: MMTrainConfig) -> Optional[int]:
     return p.seq_length if padded and cfg.trainer.micro_batch_size == 1 else None
 
 
-def model_runtime(cfg: MMTrainConfig, device: torch.device, backend: str = "nccl") -> Runtime:
+def model_runtime(cfg: MMTrainConfig, device: torch.device, backend: str = "nccl", dp: int = 1) -> Runtime:
     p = cfg.perf
     cuda = device.type == "cuda"
     if p.compile not in ("none", "layers"):
@@ -59,6 +59,7 @@ def model_runtime(cfg: MMTrainConfig, device: torch.device, backend: str = "nccl
         recompute_num_layers=p.recompute_num_layers,
         static_tokens=static,
         batch_p2p_sync=sync,
+        grads_every_micro_batch=overlap_grad_reduce(cfg, dp),
     )
 
 

@@ -288,4 +288,20 @@ SABOTAGES: list[Sabotage] = [
         replacement="    if False:",
         tests=("tests/unit/parallel/test_device.py::test_sequence_parallel_is_refused_naming_the_key",),
     ),
+    Sabotage(
+        name="overlapped_grad_reduce_not_wired",
+        claim="the DP gradient reduce overlaps the backward when the decoder trains",
+        file="mmtrain/train/build.py",
+        anchor="            overlap_grad_reduce=runtime.overlap_grad_reduce(cfg, layout.dp),",
+        replacement="            overlap_grad_reduce=False,",
+        tests=("tests/integration/test_hot_path.py::test_dp2_overlapped_grad_reduce_with_an_imageless_rank_matches_dp1",),
+    ),
+    Sabotage(
+        name="imageless_micro_batch_starves_overlapped_reduce",
+        claim="a micro-batch without tiles still gives the ViT and projector their (zero) gradients",
+        file="mmtrain/models/vlm.py",
+        anchor="            elif self.runtime.grads_every_micro_batch and torch.is_grad_enabled() and self._image_path_trains():",
+        replacement="            elif False:",
+        tests=("tests/integration/test_hot_path.py::test_dp2_overlapped_grad_reduce_with_an_imageless_rank_matches_dp1",),
+    ),
 ]
