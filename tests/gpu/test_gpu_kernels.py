@@ -43,7 +43,7 @@ def _run(fn, cu, causal, window, dtype, seed=0):
 
 
 def _fast_backends():
-    return [n for n in ("torch_varlen", "flash_attn", "transformer_engine") if n in backends.BACKENDS]
+    return [n for n in ("torch_varlen", "torch_varlen_mha", "flash_attn", "transformer_engine") if n in backends.BACKENDS]
 
 
 @pytest.mark.parametrize("name", _fast_backends())
@@ -68,7 +68,7 @@ def test_torch_varlen_takes_empty_segments():
 
 def test_fp32_on_cuda_runs_sdpa_not_the_reference():
     dev = torch.device("cuda")
-    assert backends.resolve("auto", dev, torch.bfloat16) in ("flash_attn", "torch_varlen", "transformer_engine")
+    assert backends.resolve("auto", dev, torch.bfloat16) in ("flash_attn", "torch_varlen", "torch_varlen_mha", "transformer_engine")
     assert backends.resolve("auto", dev, torch.float32) == "sdpa"
     cu = _cu([3, 700, 64])
     fast, ref = _run(backends.BACKENDS["sdpa"], cu, True, None, torch.float32, seed=2)

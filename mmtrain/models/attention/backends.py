@@ -11,6 +11,7 @@ device and dtype that matches the reference: a flash-attn or transformer-engine 
 match the installed torch is then skipped (with one warning) instead of crashing the first step.
 
   flash_attn / transformer_engine / torch_varlen  CUDA, bf16/fp16: one kernel over the whole stream
+  torch_varlen_mha  torch_varlen with K/V expanded to the query heads (if a build refuses GQA)
   sdpa       any device and dtype: torch's fused attention one segment at a time (O(L) memory;
              CUDA fp32 takes the memory-efficient kernel); one host sync per call for the bounds
   dense      any device and dtype: one masked attention over the whole stream (T x T block-diagonal
@@ -110,6 +111,15 @@ def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None):
     return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale, window_size=_window_size(causal, window))
 
 
+def _torch_varlen_mha(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None):
+    """torch_varlen with K/V expanded to the query head count: the fallback should a torch build's
+    varlen kernel not take fewer K/V heads (its probe decides)."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale, window)
+
+
 def _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal, scale, window=None):  # pragma: no cover - needs flash-attn
     from flash_attn import flash_attn_varlen_func
 
@@ -145,15 +155,21 @@ BACKENDS: dict[str, AttentionFn] = {
     "flash_attn": _flash_attn,
     "transformer_engine": _transformer_engine,
     "torch_varlen": _torch_varlen,
+    "torch_varlen_mha": _torch_varlen_mha,
     "sdpa": _sdpa,
     "dense": _dense,
     "reference": _reference,
 }
 # The module each optional backend needs; a missing one is "not installed" (no warning).
-_MODULES = {"flash_attn": "flash_attn", "transformer_engine": "transformer_engine", "torch_varlen": "torch.nn.attention.varlen"}
-_FAST = ("flash_attn", "transformer_engine", "torch_varlen")  # CUDA, bf16/fp16 only
+_MODULES = {
+    "flash_attn": "flash_attn",
+    "transformer_engine": "transformer_engine",
+    "torch_varlen": "torch.nn.attention.varlen",
+    "torch_varlen_mha": "torch.nn.attention.varlen",
+}
+_FAST = ("flash_attn", "transformer_engine", "torch_varlen", "torch_varlen_mha")  # CUDA, bf16/fp16 only
 
-AUTO_ORDER = ("flash_attn", "torch_varlen", "transformer_engine", "sdpa", "reference")
+AUTO_ORDER = ("flash_attn", "torch_varlen", "torch_varlen_mha", "transformer_engine", "sdpa", "reference")
 
 
 def _installed(module: str) -> bool:
@@ -194,11 +210,12 @@ def _probe(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]
             torch.cuda.synchronize(device)
     except Exception as e:
         return f"a test call failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    tol = 1e-3 if dtype == torch.float32 else 0.25  # bf16 attention lands near 5e-2 on these 8 tokens; broken builds at O(1)
     for what, a, b in (("output", out, ref), ("dq", qs.grad, qr.grad), ("dk", ks.grad, kr.grad), ("dv", vs.grad, vr.grad)):
         if a is None or a.shape != b.shape:
             return f"the test call gave no {what} of the right shape"
-        err = float((a.float() - b).abs().max()) / max(float(b.square().mean().sqrt()), 1e-6)
+        a, b = a.detach().float(), b.detach()
+        err = float((a - b).abs().max()) / max(float(b.square().mean().sqrt()), 1e-6)
         if not math.isfinite(err) or err > tol:
             return f"the test call's {what} differs from the reference ({err:.2e} of its RMS)"
     return None
