@@ -66,15 +66,9 @@ def _rope_eager(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return t * cos + _rotate_half(t) * sin
 
 
-_compiled = None
-
-
-def _rope_fused(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The same formula as one generated kernel per direction (torch.compile, dynamic token count)."""
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(_rope_eager, dynamic=True, fullgraph=True)
-    return _compiled(t, cos, sin)
+# Compiled lazily at its first call; made here, not at that call, so that a first call inside
+# another compiled region (perf.compile=layers) finds it already wrapped.
+_rope_fused = torch.compile(_rope_eager, dynamic=True, fullgraph=True)
 
 
 def apply_rotary(t: torch.Tensor, tables: RotaryTables, fused: bool = False) -> torch.Tensor:

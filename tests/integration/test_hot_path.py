@@ -30,7 +30,7 @@ EXACT = {"packed_rope", "recompute_full", "recompute_selective"}  # same kernels
 
 # Variants run in two worker processes: the eager ones (seconds) and the two that compile kernels
 # (about a minute on two cores); a test only starts the group it needs.
-GROUPS = {"eager": ["packed_rope", "recompute_full", "recompute_selective"], "compiled": ["fused", "compiled_static"]}
+GROUPS = {"eager": ["packed_rope", "recompute_full", "recompute_selective"], "compiled": ["compiled_static", "fused"]}
 
 
 @pytest.fixture(scope="module")
