@@ -249,7 +249,7 @@ SABOTAGES: list[Sabotage] = [
         name="broken_backend_trusted",
         claim="an installed attention backend counts only after a real call matches the reference",
         file="mmtrain/models/attention/backends.py",
-        anchor="        _PROBED[key] = _probe(name, device, dtype)",
+        anchor="        _PROBED[key] = _probe(name, device, dtype, dim, gqa)",
         replacement="        _PROBED[key] = None",
         tests=("tests/unit/models/test_attention.py::test_auto_skips_a_broken_backend_with_one_warning",),
     ),

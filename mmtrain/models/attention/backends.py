@@ -179,17 +179,18 @@ def _installed(module: str) -> bool:
         return False
 
 
-def probe_inputs(device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """A tiny GQA stream: two causal segments (3 and 5 tokens), 4 query heads over 2 KV groups."""
+def probe_inputs(device: torch.device, dtype: torch.dtype, seed: int = 0, dim: int = 64, gqa: bool = True):
+    """A tiny stream: two causal segments (3 and 5 tokens), 4 query heads over 2 KV groups (or 4)."""
     g = torch.Generator().manual_seed(seed)
     cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
-    q = torch.randn(8, 4, 64, generator=g).to(device, dtype)
-    k = torch.randn(8, 2, 64, generator=g).to(device, dtype)
-    v = torch.randn(8, 2, 64, generator=g).to(device, dtype)
+    kv = 2 if gqa else 4
+    q = torch.randn(8, 4, dim, generator=g).to(device, dtype)
+    k = torch.randn(8, kv, dim, generator=g).to(device, dtype)
+    v = torch.randn(8, kv, dim, generator=g).to(device, dtype)
     return q, k, v, cu
 
 
-def _probe(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+def _probe(name: str, device: torch.device, dtype: torch.dtype, dim: int = 64, gqa: bool = True) -> Optional[str]:
     """None when `name` imports and computes the tiny case (forward and backward) like the
     reference; else why not."""
     module = _MODULES.get(name)
@@ -199,7 +200,7 @@ def _probe(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]
         except Exception as e:  # a broken build raises anything from ImportError to OSError
             return f"import {module} failed: {type(e).__name__}: {e}"
     try:
-        q, k, v, cu = probe_inputs(device, dtype)
+        q, k, v, cu = probe_inputs(device, dtype, dim=dim, gqa=gqa)
         qs, ks, vs = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
         out = BACKENDS[name](qs, ks, vs, cu, 5, True, None)
         out.float().square().sum().backward()
@@ -224,8 +225,9 @@ def _probe(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]
 _PROBED: dict[tuple, Optional[str]] = {}
 
 
-def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    """None if backend `name` can run tensors of this device and dtype here, else why not (cached)."""
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, dim: int = 64, gqa: bool = True) -> Optional[str]:
+    """None if backend `name` can run tensors of this device and dtype (and head dim, GQA or not)
+    here, else why not (cached)."""
     if name not in BACKENDS:
         raise KeyError(name)
     if name == "reference":
@@ -238,15 +240,15 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> O
             return f"needs bf16/fp16, not {dtype}"
         if not _installed(_MODULES[name]):
             return f"{_MODULES[name]} is not installed"
-    key = (name, device.type, device.index, dtype)
+    key = (name, device.type, device.index, dtype, dim, gqa)
     if key not in _PROBED:
-        _PROBED[key] = _probe(name, device, dtype)
+        _PROBED[key] = _probe(name, device, dtype, dim, gqa)
     return _PROBED[key]
 
 
-def available(name: str, device: torch.device, dtype: torch.dtype) -> bool:
+def available(name: str, device: torch.device, dtype: torch.dtype, dim: int = 64, gqa: bool = True) -> bool:
     """Whether backend `name` can run tensors of this device and dtype here."""
-    return unavailable_reason(name, device, dtype) is None
+    return unavailable_reason(name, device, dtype, dim, gqa) is None
 
 
 _WARNED: set[tuple] = set()
@@ -258,23 +260,23 @@ def _auto_candidates(device: torch.device, dtype: torch.dtype) -> tuple[str, ...
     return tuple(n for n in AUTO_ORDER if n != "reference")  # never per-segment L x L scores on a GPU
 
 
-def resolve(name: str, device: torch.device, dtype: torch.dtype) -> str:
+def resolve(name: str, device: torch.device, dtype: torch.dtype, dim: int = 64, gqa: bool = True) -> str:
     """Pick a backend: `auto` takes the first available in AUTO_ORDER (CUDA: never `reference`; an
     installed backend that fails its test call is skipped with one warning); a named one must be
     available."""
     if name == "auto":
         for cand in _auto_candidates(device, dtype):
-            why = unavailable_reason(cand, device, dtype)
+            why = unavailable_reason(cand, device, dtype, dim, gqa)
             if why is None:
                 return cand
-            failed_probe = _PROBED.get((cand, device.type, device.index, dtype)) is not None
+            failed_probe = _PROBED.get((cand, device.type, device.index, dtype, dim, gqa)) is not None
             if failed_probe and (cand, device.type, dtype) not in _WARNED:  # installed, but broken here
                 _WARNED.add((cand, device.type, dtype))
                 log.warning("attention backend %s is installed but unusable here (%s); trying the next one", cand, why)
         raise RuntimeError(f"no attention backend can run {device.type}/{dtype} here")
     if name not in BACKENDS:
         raise ValueError(f"model.attention_backend={name!r}: choose one of auto, {', '.join(BACKENDS)}")
-    why = unavailable_reason(name, device, dtype)
+    why = unavailable_reason(name, device, dtype, dim, gqa)
     if why is not None:
         raise ValueError(
             f"model.attention_backend={name!r} cannot run on {device.type}/{dtype} here: {why} "

@@ -39,12 +39,15 @@ class VarlenCoreAttention(MegatronModule):
         self.sliding_window = sliding_windows[layer_number - 1] if sliding_windows else None
         self.softmax_scale = softmax_scale
         self.requested_backend = backend
+        self.head_dim = config.kv_channels
+        self.gqa = (config.num_query_groups or config.num_attention_heads) != config.num_attention_heads
         self._resolved: dict[tuple, str] = {}
 
     def resolve_backend(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The backend for this layer's shapes (its head dim, GQA or not) on this device and dtype."""
         key = (device.type, dtype)
         if key not in self._resolved:
-            self._resolved[key] = backends.resolve(self.requested_backend, device, dtype)
+            self._resolved[key] = backends.resolve(self.requested_backend, device, dtype, self.head_dim, self.gqa)
         return self._resolved[key]
 
     def backend_for(self, t: torch.Tensor) -> str:
