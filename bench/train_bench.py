@@ -3,7 +3,9 @@
 Every mode trains on exactly the same samples (ids 0..N-1 of the configured source), once each, with
 the same model, weights and kernels; only how the samples are laid out into micro-batches changes:
 
-  padded           each sample alone, padded to packing.seq_length (the seed's "packing disabled")
+  padded           each sample alone, padded to packing.seq_length, attention over the whole padded row
+                   (the seed's Megatron-LM "packing disabled": no padding mask; the padding sits after
+                   the sample, so under the causal mask its real tokens see exactly what they see alone)
   nopad            each sample alone at its own length (one sample at a time, no padding)
   greedy           Megatron-LM's greedy knapsack over a buffer of 100 samples
   packed           ours: packing.algorithm (default) over a buffer of --buffer samples
@@ -89,6 +91,8 @@ def build_mode(b, mode: str, ids: list[int], args, static: StaticShape | None):
             [samples], row_length=row_length, tokens_per_tile=b.tokens_per_tile,
             image_shape=(v.in_channels, v.image_size, v.image_size), capacity=cfg.packing.seq_length,
         )
+        if mode == "padded":
+            mb = one_segment(mb)
         mb = host_prepare(mb, b.dtype, pin=b.layout.device.type == "cuda", static=static)
         mbs.append(mb.to(b.layout.device))
     if b.layout.device.type == "cuda":
@@ -97,6 +101,18 @@ def build_mode(b, mode: str, ids: list[int], args, static: StaticShape | None):
     computed = sum(mb.num_tokens for mb in mbs)
     real = sum(lengths.values())
     return mbs, data_s, {"rows": rows, "tokens_computed": computed, "real_tokens": real}
+
+
+def one_segment(mb):
+    """The padded row as one causal sequence of seq_length tokens (positions 0..seq_length-1), as a
+    padded batch without a padding mask runs it."""
+    from dataclasses import replace
+
+    if mb.cu_seqlens_padded is not None or len(mb.sample_ids) != 1:
+        raise ValueError("padded mode lays out one sample per row without segment alignment")
+    n = mb.num_tokens
+    return replace(mb, cu_seqlens=torch.tensor([0, n], dtype=torch.int32), max_seqlen=n,
+                   position_ids=torch.arange(n, dtype=mb.position_ids.dtype))
 
 
 def steps_of(mbs, per_step: int) -> list[list]:
