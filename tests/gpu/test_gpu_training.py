@@ -65,7 +65,7 @@ def test_compiled_layers_at_a_static_token_count(tmp_path):
     _close(_losses(comp), _losses(eager), 2e-2)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="gpu: DP2 needs two GPUs (one-GPU machine)")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="gpu: DP2 needs two CUDA devices")
 def test_dp2_on_two_gpus_matches_one(tmp_path):
     one, _, _ = _train(tmp_path, "dp1", [])
     two, _, _ = _train(tmp_path, "dp2", [], nproc=2)
