@@ -71,6 +71,26 @@ def _rope_eager(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 _rope_fused = torch.compile(_rope_eager, dynamic=True, fullgraph=True)
 
 
+def fused_kernels_work(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """None when torch.compile can generate and run kernels here (the fused rope on a tiny stream,
+    forward and backward, equal to the eager formula); else why not. The symbolic-shape kernels it
+    builds are the ones real streams reuse, so on a working machine this costs nothing extra."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        t = torch.randn(6, 2, 8, generator=g).to(device, dtype).requires_grad_(True)
+        tables = RotaryTables.from_freqs(freqs_from_positions(torch.arange(6, device=device) % 4, inv_freq(8, 100.0, device)), dtype)
+        out = _rope_fused(t, tables.cos, tables.sin)
+        (grad,) = torch.autograd.grad(out.float().square().sum(), t)
+        ref = _rope_eager(t, tables.cos, tables.sin)
+        (ref_grad,) = torch.autograd.grad(ref.float().square().sum(), t)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        if not (torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol) and torch.allclose(grad.float(), ref_grad.float(), atol=tol, rtol=tol)):
+            return "the compiled rope differs from the eager formula"
+    except Exception as e:  # a missing compiler or Triton toolchain raises anything
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
 def apply_rotary(t: torch.Tensor, tables: RotaryTables, fused: bool = False) -> torch.Tensor:
     """Rotate the first rot_dim channels of every head of t [T, heads, dim] by its token's angles."""
     rot = tables.rot_dim

@@ -102,7 +102,8 @@ def test_precision_auto_is_bf16_on_cuda_and_fp32_on_cpu():
     assert compose([]).trainer.precision == "auto"
 
 
-def test_model_runtime_decides_the_autos():
+def test_model_runtime_decides_the_autos(monkeypatch):
+    monkeypatch.setattr(runtime, "_fusion_works", lambda device: True)  # a GPU machine that can compile
     cfg = compose([])
     gpu, cpu = runtime.model_runtime(cfg, torch.device("cuda", 0)), runtime.model_runtime(cfg, torch.device("cpu"), "gloo")
     assert gpu.fuse and not gpu.batch_p2p_sync and gpu.rope == "packed"
@@ -129,3 +130,14 @@ def test_expandable_segments_set_before_cuda_starts(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")  # the user's setting wins
     setup.configure_cuda_allocator(True)
     assert calls == ["expandable_segments:True"]
+
+
+def test_fusion_falls_back_with_one_warning_where_nothing_compiles(monkeypatch, caplog):
+    from mmtrain.models import rope
+
+    monkeypatch.setattr(rope, "fused_kernels_work", lambda device, dtype: "InductorError: no C compiler found")
+    with caplog.at_level(logging.WARNING, logger="mmtrain"):
+        rt = runtime.model_runtime(compose([]), torch.device("cuda", 0))
+    assert not rt.fuse
+    assert [r.getMessage() for r in caplog.records if "fused kernels unavailable" in r.getMessage() and "no C compiler" in r.getMessage()]
+    assert runtime.model_runtime(compose(["perf.fuse=true"]), torch.device("cuda", 0)).fuse  # asked for explicitly
