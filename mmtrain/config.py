@@ -16,12 +16,12 @@ from mmtrain.balancing.config import BalancingConfig
 from mmtrain.data.config import DataConfig
 from mmtrain.models.config import DecoderConfig, ModelConfig, ProjectorConfig, VisionConfig
 from mmtrain.packing.config import PackingConfig
-from mmtrain.parallel.config import ParallelConfig
+from mmtrain.parallel.config import ParallelConfig, PerfConfig
 from mmtrain.train.config import TrainerConfig
 
 __all__ = [
     "BalancingConfig", "ClusterConfig", "DataConfig", "DecoderConfig", "MMTrainConfig", "ModelConfig",
-    "PackingConfig", "ParallelConfig", "ProjectorConfig", "TrainerConfig", "VisionConfig", "compose",
+    "PackingConfig", "ParallelConfig", "PerfConfig", "ProjectorConfig", "TrainerConfig", "VisionConfig", "compose",
     "register_configs", "to_config",
 ]
 
@@ -48,6 +48,7 @@ class MMTrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     recipe: Optional[str] = None  # name of the recipe that composed this config, if any
 
 

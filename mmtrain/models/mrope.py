@@ -7,30 +7,22 @@ after it resumes at that start + max(rows, columns). `mrope_position_ids` does t
 every sample.
 
 Rotary. megatron applies RoPE from a [max_seqlen] frequency table that its thd path indexes per
-`cu_seqlens` segment (positions restart at every segment, one host sync per segment), which cannot
-express positions that are not 0..n-1 per segment. Here every token carries its own angles: the
-rotary cos/sin [T, 1, head_dim] ride on the packed-sequence parameters (`RotaryPackedSeqParams`),
-and `RotaryVarlenCoreAttention` rotates q and k with them just before the varlen attention (megatron
-itself applies no RoPE: the decoder is built with position_embedding_type="none"). The same
-mechanism carries the ViT's 2D rotary (mmtrain/models/qwen_vision.py).
+`cu_seqlens` segment, which cannot express positions that are not 0..n-1 per segment. Here every
+token gets its own angles (`mrope_angles`); their cos/sin become the per-token tables of
+mmtrain/models/rope.py, which the varlen attention core applies to q and k (megatron itself applies
+no RoPE). The same mechanism carries the ViT's 2D rotary (mmtrain/models/qwen_vision.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from megatron.core.packed_seq_params import PackedSeqParams
 
-from mmtrain.models.attention.core import VarlenCoreAttention
+from mmtrain.models.rope import inv_freq  # the one formula (base^(-2i/dim), fp32)
 
-__all__ = [
-    "RotaryPackedSeqParams", "RotaryVarlenCoreAttention", "inv_freq", "mrope_angles", "mrope_position_ids",
-    "packed_mrope_position_ids", "rotary_cos_sin", "with_rotary",
-]
+__all__ = ["inv_freq", "mrope_angles", "mrope_position_ids", "packed_mrope_position_ids", "rotary_cos_sin"]
 
 
 # ---- positions (numpy: the data path computes them per sample) -----------------------------------
@@ -87,11 +79,6 @@ def packed_mrope_position_ids(samples: Sequence[tuple[int, Sequence[int], object
 # ---- angles ----------------------------------------------------------------------------------------
 
 
-def inv_freq(dim: int, base: float, device=None) -> torch.Tensor:
-    """The dim/2 rotary inverse frequencies base^(-2i/dim), in float32 as transformers computes them."""
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
-
-
 def mrope_angles(position_ids: torch.Tensor, freqs: torch.Tensor, section: Sequence[int]) -> torch.Tensor:
     """[T, len(freqs)] angles: frequency j of section i is rotated by position axis i % 3."""
     if sum(section) != freqs.numel():
@@ -106,42 +93,3 @@ def rotary_cos_sin(angles: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tens
     (the rotate-half layout transformers and megatron use), cast to the dtype the rotation runs in."""
     emb = torch.cat([angles, angles], dim=-1)[:, None, :]
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-# ---- applying them inside the packed stream ---------------------------------------------------------
-
-
-@dataclass
-class RotaryPackedSeqParams(PackedSeqParams):
-    """megatron's packed-sequence parameters plus each token's rotary cos / sin [T, 1, head_dim]."""
-
-    rotary_cos: Optional[torch.Tensor] = None
-    rotary_sin: Optional[torch.Tensor] = None
-
-
-def with_rotary(psp: PackedSeqParams, cos: torch.Tensor, sin: torch.Tensor) -> RotaryPackedSeqParams:
-    base = {f.name: getattr(psp, f.name) for f in dataclasses.fields(PackedSeqParams)}
-    return RotaryPackedSeqParams(**base, rotary_cos=cos, rotary_sin=sin)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat([-b, a], dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D] rotated per token, computed in cos's dtype, returned in x's."""
-    y = x.to(cos.dtype)
-    return (y * cos + _rotate_half(y) * sin).to(x.dtype)
-
-
-class RotaryVarlenCoreAttention(VarlenCoreAttention):
-    """Varlen core attention that first rotates q and k by the per-token angles of the stream."""
-
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
-        cos = getattr(packed_seq_params, "rotary_cos", None)
-        if cos is None:
-            raise ValueError("RotaryVarlenCoreAttention needs RotaryPackedSeqParams with the stream's rotary cos/sin")
-        sin = packed_seq_params.rotary_sin
-        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
-        return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)

@@ -29,7 +29,8 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mmtrain.models.config import ModelConfig, vision_windowed_layers
-from mmtrain.models.mrope import RotaryPackedSeqParams, inv_freq, rotary_cos_sin, with_rotary
+from mmtrain.models import rope
+from mmtrain.models.mrope import inv_freq, rotary_cos_sin
 
 __all__ = ["NativeVisionEncoder", "patch_positions", "window_index"]
 
@@ -81,13 +82,19 @@ def _psp(cu: torch.Tensor, max_len: int) -> PackedSeqParams:
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len)
 
 
+def _tables(angles: torch.Tensor) -> rope.RotaryTables:
+    """fp32 cos/sin of the patches' 2D rotary angles: the rotation runs in fp32 whatever the
+    activation dtype, as transformers' vision rotary does."""
+    return rope.RotaryTables(*rotary_cos_sin(angles, torch.float32))
+
+
 @dataclass
 class VisionStream:
     """How one micro-batch's patches run through the ViT: attention segments of the full and the
     windowed blocks (each with the rotary of every patch), and the window order (None: image order)."""
 
-    full: RotaryPackedSeqParams
-    windows: Optional[RotaryPackedSeqParams]
+    full: rope.RotaryPackedSeqParams
+    windows: Optional[rope.RotaryPackedSeqParams]
     order: Optional[torch.Tensor]  # [units] merge units in window order
     restore: Optional[torch.Tensor]  # [units] its inverse
 
@@ -136,11 +143,9 @@ class NativeVisionEncoder(MegatronModule):
             order = torch.from_numpy(units).to(device)
             restore = torch.from_numpy(np.argsort(units)).to(device)
             angles = self._to_windows(angles, order)
-            cos, sin = rotary_cos_sin(angles, torch.float32)
-            windows = with_rotary(_psp(*_cu(wlen * self.unit, device)), cos, sin)
-        cos, sin = rotary_cos_sin(angles, torch.float32)
+            windows = rope.with_rope(_psp(*_cu(wlen * self.unit, device)), _tables(angles))
         frames = np.repeat(grids[:, 1] * grids[:, 2], grids[:, 0])
-        full = with_rotary(_psp(*_cu(frames, device)), cos, sin)
+        full = rope.with_rope(_psp(*_cu(frames, device)), _tables(angles))
         return VisionStream(full, windows, order, restore)
 
     def _to_windows(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

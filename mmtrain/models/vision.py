@@ -44,6 +44,12 @@ class VisionEncoder(MegatronModule):
         if not self.apply_post_layernorm:
             self.ln_post.requires_grad_(False)
 
+    def blank_tiles(self, n: int, device: torch.device) -> torch.Tensor:
+        """n black tiles [n, C, H, W] in the weights' dtype."""
+        c, k = self.conv.in_channels, self.conv.kernel_size[0]
+        side = int(self.patches**0.5) * k
+        return torch.zeros(n, c, side, side, device=device, dtype=self.conv.weight.dtype)
+
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """[n, C, H, W] -> [n, seq, hidden]: what the first block sees (transformers' hidden_states[0])."""
         n = pixels.shape[0]

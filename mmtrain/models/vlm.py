@@ -40,6 +40,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mmtrain.config import ModelConfig
+from mmtrain.models import rope
 from mmtrain.models.attention.core import VarlenCoreAttention
 from mmtrain.models.config import (
     head_dim,
@@ -50,11 +51,11 @@ from mmtrain.models.config import (
     tokens_per_tile,
     validate,
 )
-from mmtrain.models.mrope import RotaryVarlenCoreAttention, inv_freq, mrope_angles, rotary_cos_sin, with_rotary
+from mmtrain.models.mrope import mrope_angles, rotary_cos_sin
 from mmtrain.models.qwen_vision import NativeVisionEncoder
 from mmtrain.models.vision import VisionEncoder
 
-__all__ = ["VLM", "ParallelShape", "tokens_per_tile", "decoder_config", "vision_config", "projector_config"]
+__all__ = ["VLM", "ParallelShape", "Runtime", "tokens_per_tile", "decoder_config", "vision_config", "projector_config"]
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -71,13 +72,44 @@ ACTIVATIONS = {
 }
 
 
+_COMPILED_ACTIVATIONS: dict[str, object] = {}
+
+
+def activation(name: str, fused: bool):
+    """The activation `name`; fused: the same formula as one generated kernel (torch.compile, any
+    token count), e.g. QuickGELU's three elementwise passes become one."""
+    fn = ACTIVATIONS[name]
+    if not fused:
+        return fn
+    if name not in _COMPILED_ACTIVATIONS:
+        _COMPILED_ACTIVATIONS[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _COMPILED_ACTIVATIONS[name]
+
+
 @dataclass(frozen=True)
 class ParallelShape:
     tp: int = 1
     pp: int = 1
 
 
-def _common(par: ParallelShape, dtype: torch.dtype, use_cpu_init: bool) -> dict:
+@dataclass(frozen=True)
+class Runtime:
+    """How the model runs (not what it computes): the perf.* settings that reach the model."""
+
+    rope: str = "packed"  # packed: per-token tables, no host syncs | megatron: megatron-core's thd path
+    fuse: bool = False  # fused bias-activation kernels (SwiGLU, GELU, QuickGELU) and rope
+    recompute_granularity: Optional[str] = None  # None | selective | full (decoder only)
+    recompute_modules: tuple = ("core_attn",)
+    recompute_num_layers: int = 1
+    static_tokens: Optional[int] = None  # every micro-batch holds exactly this many tokens
+    batch_p2p_sync: bool = True  # a device sync after each batched PP send/recv (old NCCL bug)
+    # Every trainable parameter gets a gradient in every micro-batch, images or not (megatron's
+    # overlapped grad reduce waits for each parameter of a bucket before reducing it).
+    grads_every_micro_batch: bool = False
+
+
+def _common(par: ParallelShape, dtype: torch.dtype, use_cpu_init: bool, rt: Optional[Runtime] = None) -> dict:
+    rt = rt or Runtime()
     return dict(
         tensor_model_parallel_size=par.tp,
         hidden_dropout=0.0,
@@ -93,15 +125,30 @@ def _common(par: ParallelShape, dtype: torch.dtype, use_cpu_init: bool) -> dict:
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        # Packed sequences change length every micro-batch: PP must exchange shapes first.
-        variable_seq_lengths=True,
+        # Packed sequences change length every micro-batch: PP must exchange shapes first (unless
+        # every micro-batch is padded to the same token count).
+        variable_seq_lengths=rt.static_tokens is None,
+        batch_p2p_sync=rt.batch_p2p_sync,
         moe_token_dispatcher_type="alltoall",  # dense model; avoids the allgather/variable-length check
         calculate_per_token_loss=True,  # global per-token mean: grads summed, divided by global tokens
     )
 
 
-def decoder_config(cfg: ModelConfig, par: ParallelShape, dtype: torch.dtype, use_cpu_init: bool) -> TransformerConfig:
+def _recompute(rt: Optional[Runtime]) -> dict:
+    if rt is None or rt.recompute_granularity is None:
+        return {}
+    if rt.recompute_granularity == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=list(rt.recompute_modules))
+    return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=rt.recompute_num_layers)
+
+
+def decoder_config(
+    cfg: ModelConfig, par: ParallelShape, dtype: torch.dtype, use_cpu_init: bool, rt: Optional[Runtime] = None
+) -> TransformerConfig:
     d = cfg.decoder
+    common = _common(par, dtype, use_cpu_init, rt)
+    # megatron's fused SwiGLU keeps only the fc1 output for backward (a torch.compile'd kernel)
+    common["bias_activation_fusion"] = bool(rt and rt.fuse)
     return TransformerConfig(
         num_layers=d.num_layers,
         hidden_size=d.hidden_size,
@@ -117,11 +164,14 @@ def decoder_config(cfg: ModelConfig, par: ParallelShape, dtype: torch.dtype, use
         add_qkv_bias=d.qkv_bias,
         init_method_std=d.init_method_std,
         pipeline_model_parallel_size=par.pp,
-        **_common(par, dtype, use_cpu_init),
+        **_recompute(rt),
+        **common,
     )
 
 
-def vision_config(cfg: ModelConfig, par: ParallelShape, dtype: torch.dtype, use_cpu_init: bool) -> TransformerConfig:
+def vision_config(
+    cfg: ModelConfig, par: ParallelShape, dtype: torch.dtype, use_cpu_init: bool, rt: Optional[Runtime] = None
+) -> TransformerConfig:
     v = cfg.vision
     return TransformerConfig(
         num_layers=v.num_layers,
@@ -133,24 +183,26 @@ def vision_config(cfg: ModelConfig, par: ParallelShape, dtype: torch.dtype, use_
         normalization=v.normalization,
         layernorm_epsilon=v.norm_epsilon,
         gated_linear_unit=v.gated_mlp,
-        activation_func=ACTIVATIONS[v.activation],
+        activation_func=activation(v.activation, bool(rt and rt.fuse)),
         add_bias_linear=True,
         pipeline_model_parallel_size=1,  # the ViT lives whole on the first pipeline stage
-        **_common(par, dtype, use_cpu_init),
+        **_common(par, dtype, use_cpu_init, rt),
     )
 
 
-def projector_config(cfg: ModelConfig, par: ParallelShape, dtype: torch.dtype, use_cpu_init: bool) -> TransformerConfig:
+def projector_config(
+    cfg: ModelConfig, par: ParallelShape, dtype: torch.dtype, use_cpu_init: bool, rt: Optional[Runtime] = None
+) -> TransformerConfig:
     return TransformerConfig(
         num_layers=1,
         hidden_size=cfg.decoder.hidden_size,
         num_attention_heads=cfg.decoder.num_attention_heads,  # unused by the MLP; must divide by TP
         ffn_hidden_size=cfg.projector.ffn_hidden_size,
         gated_linear_unit=False,
-        activation_func=ACTIVATIONS[cfg.projector.activation],
+        activation_func=activation(cfg.projector.activation, bool(rt and rt.fuse)),
         add_bias_linear=cfg.projector.bias,
         pipeline_model_parallel_size=1,
-        **_common(par, dtype, use_cpu_init),
+        **_common(par, dtype, use_cpu_init, rt),
     )
 
 
@@ -166,10 +218,22 @@ def _layer_spec(normalization: str, mask: AttnMaskType, backend: str, windows: O
 class VLM(MegatronModule):
     """One pipeline stage of the VLM. The first stage owns the ViT, projector and embeddings."""
 
-    def __init__(self, cfg: ModelConfig, par: ParallelShape, dtype: torch.dtype, use_cpu_init: bool, backend: str) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        par: ParallelShape,
+        dtype: torch.dtype,
+        use_cpu_init: bool,
+        backend: str,
+        runtime: Optional[Runtime] = None,
+    ) -> None:
         validate(cfg)
-        dcfg = decoder_config(cfg, par, dtype, use_cpu_init)
+        rt = runtime or Runtime()
+        if rt.rope not in ("packed", "megatron"):
+            raise ValueError(f"perf.rope={rt.rope!r}: choose packed or megatron")
+        dcfg = decoder_config(cfg, par, dtype, use_cpu_init, rt)
         super().__init__(config=dcfg)
+        self.runtime = rt
         self.pre_process = parallel_state.is_pipeline_first_stage()
         self.post_process = parallel_state.is_pipeline_last_stage()
         self.model_type = None
@@ -181,24 +245,26 @@ class VLM(MegatronModule):
         self.native = is_native(cfg)
         self.gated_vision_mlp = cfg.vision.gated_mlp  # mmtrain.models.params: how its fc1 shards
         self.mrope_section = list(cfg.decoder.mrope_section) if cfg.decoder.mrope_section else None
-        self.rotary_base = float(cfg.decoder.rotary_base)
-        self.head_dim = head_dim(cfg)
         self.vision: Optional[VisionEncoder | NativeVisionEncoder] = None
         self.projector: Optional[MultimodalProjector] = None
         if self.pre_process:
-            vcfg = vision_config(cfg, par, dtype, use_cpu_init)
+            vcfg = vision_config(cfg, par, dtype, use_cpu_init, rt)
             if self.native:
-                spec = _layer_spec(cfg.vision.normalization, AttnMaskType.no_mask, backend, core=RotaryVarlenCoreAttention)
-                self.vision = NativeVisionEncoder(cfg, vcfg, spec)
+                self.vision = NativeVisionEncoder(cfg, vcfg, _layer_spec(cfg.vision.normalization, AttnMaskType.no_mask, backend))
             else:
                 self.vision = VisionEncoder(cfg, vcfg, _layer_spec("LayerNorm", AttnMaskType.no_mask, backend))
             self.projector = MultimodalProjector(
-                projector_config(cfg, par, dtype, use_cpu_init),
+                projector_config(cfg, par, dtype, use_cpu_init, rt),
                 MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
                 projector_type="mlp",
                 input_size=merged_patch_size(cfg),
             )
-        core = RotaryVarlenCoreAttention if self.mrope_section else VarlenCoreAttention
+        # rope=packed (and mRoPE always): megatron applies no rope; the attention core rotates q and
+        # k with the tables this module builds once per micro-batch from the per-token position ids.
+        self.rope_theta = float(cfg.decoder.rotary_base)
+        self.rope_dim = head_dim(cfg)
+        self._inv_freq: Optional[torch.Tensor] = None
+        core = VarlenCoreAttention
         self.language_model = GPTModel(
             config=dcfg,
             transformer_layer_spec=_layer_spec("RMSNorm", AttnMaskType.causal, backend, sliding_windows(cfg), core=core),
@@ -206,9 +272,8 @@ class VLM(MegatronModule):
             max_sequence_length=1 << 20,
             pre_process=self.pre_process,
             post_process=self.post_process,
-            # mRoPE rotates per token inside the core attention; megatron's 1-D RoPE stays off.
-            position_embedding_type="none" if self.mrope_section else "rope",
-            rotary_base=float(cfg.decoder.rotary_base),
+            position_embedding_type="rope" if rt.rope == "megatron" and not self.mrope_section else "none",
+            rotary_base=self.rope_theta,
             share_embeddings_and_output_weights=cfg.decoder.tie_word_embeddings,
             parallel_output=True,
         )
@@ -220,6 +285,44 @@ class VLM(MegatronModule):
             self.projector.requires_grad_(False)
         if self.native and self.vision is not None:  # the patch merger's norm belongs with its MLP
             self.vision.ln_post.requires_grad_(not cfg.freeze_projector)
+
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+        """Pick every attention core's backend now, on this device and dtype (the pick runs a test
+        call, which must not happen inside a compiled region or the first timed step); returns
+        {"decoder": name, "vision": name}."""
+        picked = {}
+        for name, mod in self.named_modules():
+            if isinstance(mod, VarlenCoreAttention):
+                picked["vision" if name.startswith("vision.") else "decoder"] = mod.resolve_backend(device, dtype)
+        return picked
+
+    def compile_layers(self) -> None:
+        """torch.compile every transformer layer: the decoder's at a static token count (every
+        micro-batch padded to the same length, cu_seqlens to a fixed number of segments), the ViT's
+        with a symbolic token count (tiles vary). Layers of one stack share one compiled graph."""
+        import warnings
+
+        torch._dynamo.config.reorderable_logging_functions.add(warnings.warn)  # megatron warns inside forward
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for layer in self.language_model.decoder.layers:
+            layer.compile(dynamic=False)
+        if self.vision is not None:
+            for layer in self.vision.blocks.layers:
+                layer.compile(dynamic=True)
+
+    def _image_path_trains(self) -> bool:
+        return any(p.requires_grad for m in (self.vision, self.projector) if m is not None for p in m.parameters())
+
+    def _freqs(self, device: torch.device) -> torch.Tensor:
+        if self._inv_freq is None or self._inv_freq.device != device:
+            self._inv_freq = rope.inv_freq(self.rope_dim, self.rope_theta, device=device)
+        return self._inv_freq
+
+    def rope_tables(self, position_ids: torch.Tensor) -> rope.RotaryTables:
+        """cos/sin of every token of the micro-batch, from its per-sample position ids (one small
+        outer product and two elementwise kernels per micro-batch, no host sync)."""
+        freqs = rope.freqs_from_positions(position_ids, self._freqs(position_ids.device))
+        return rope.RotaryTables.from_freqs(freqs, self.config.params_dtype)
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
@@ -260,6 +363,14 @@ class VLM(MegatronModule):
         """Per-token loss [1, T] when labels are given (last stage), logits [1, T, V_padded/TP]
         otherwise (padded vocab rows at -inf); hidden states on earlier stages."""
         decoder_input = None
+        if self.mrope_section:
+            if mrope_position_ids is None:
+                raise ValueError("model.decoder.mrope_section is set: the micro-batch must carry mrope_position_ids [3, T]")
+            angles = mrope_angles(mrope_position_ids, self._freqs(tokens.device), self.mrope_section)
+            tables = rope.RotaryTables(*rotary_cos_sin(angles, self.config.params_dtype))
+            packed_seq_params = rope.with_rope(packed_seq_params, tables, fused=self.runtime.fuse)
+        elif self.runtime.rope == "packed":
+            packed_seq_params = rope.with_rope(packed_seq_params, self.rope_tables(position_ids), fused=self.runtime.fuse)
         if self.pre_process:
             emb = self.language_model.embedding(input_ids=tokens[None], position_ids=position_ids[None])  # [T,1,h]
             if images is not None and images.shape[0] > 0:
@@ -272,12 +383,12 @@ class VLM(MegatronModule):
                 feats = self.vision(images, image_grid_thw) if self.native else self.vision(images)
                 vis = self.projector(feats)  # [image tokens, h]
                 emb = emb.index_put((image_token_index, torch.zeros_like(image_token_index)), vis.to(emb.dtype))
+            elif self.runtime.grads_every_micro_batch and torch.is_grad_enabled() and self._image_path_trains():
+                # No tile here: one black tile through the ViT and projector, added as 0 x its
+                # features, gives their parameters the (zero) gradients the overlapped reduce waits for.
+                vis = self.projector(self.vision(self.vision.blank_tiles(1, emb.device)))
+                emb = emb + 0.0 * vis.sum().to(emb.dtype)
             decoder_input = emb
-        if self.mrope_section:
-            if mrope_position_ids is None:
-                raise ValueError("model.decoder.mrope_section is set: the micro-batch must carry mrope_position_ids [3, T]")
-            angles = mrope_angles(mrope_position_ids, inv_freq(self.head_dim, self.rotary_base, tokens.device), self.mrope_section)
-            packed_seq_params = with_rotary(packed_seq_params, *rotary_cos_sin(angles, self.config.params_dtype))
         return self.language_model(
             input_ids=tokens[None],
             position_ids=position_ids[None],

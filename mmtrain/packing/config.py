@@ -21,6 +21,9 @@ class PackingConfig:
     # unpacked runs: "seq_length" pads every sample to packing.seq_length (the seed's baseline);
     # "none" runs each sample at its own length.
     pad_unpacked_to: str = "seq_length"
+    # packed runs: "seq_length" pads every pack to packing.seq_length (a static token count, for
+    # perf.compile and fixed pipeline shapes); null pads only to packing.align.
+    pad_to: Optional[str] = None
     plan: Optional[str] = None  # offline PLAN.jsonl from `mmtrain pack`; None = online packing
     # carry under-filled packs into the next buffer (better fill). None = on, off under strict_equivalence.
     carry_over: Optional[bool] = None

@@ -9,7 +9,10 @@ in the optimizer). On a machine without CUDA, `cpu_compat()` installs:
   optimizer's type checks take the same branches as on GPU;
 * no-op stand-ins for `torch.cuda.current_device/synchronize/current_stream/...`.
 
-It is active only when CUDA is absent and is entered once per process by `mmtrain.parallel.setup`;
+It is keyed on the *chosen* device, not on whether CUDA exists: `trainer.device=cpu` on a GPU host
+enters it too (then CUDA also reads as absent to megatron: `is_available()` is False inside), so no
+megatron buffer lands on a GPU the run does not use. It is entered once per process by
+`mmtrain.parallel.setup`;
 `PATCHED_SYMBOLS` lists every megatron-core symbol it relies on, and a test asserts they still
 exist so that an upgrade fails loudly.
 """
@@ -17,7 +20,7 @@ exist so that an upgrade fails loudly.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -32,6 +35,9 @@ PATCHED_SYMBOLS = [
     ("megatron.core.pipeline_parallel.schedules", "forward_backward_pipelining_without_interleaving"),
     ("megatron.core.tensor_parallel.mappings", "gather_from_tensor_model_parallel_region"),
     ("megatron.core.models.common.embeddings.rotary_pos_embedding", "RotaryEmbedding"),
+    ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),
+    ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
+    ("megatron.core.tensor_parallel.random", "CheckpointFunction"),
 ]
 
 _CPU = torch.device("cpu")
@@ -95,26 +101,47 @@ _CUDA_STUBS: dict[str, Any] = {
     "max_memory_allocated": lambda *a, **k: 0,
     "memory_allocated": lambda *a, **k: 0,
     "reset_peak_memory_stats": lambda *a, **k: None,
+    "is_available": lambda: False,
+    "device_count": lambda: 0,
+    # activation recompute saves / restores the "cuda" RNG around each checkpointed piece
+    "get_rng_state": lambda *a, **k: torch.get_rng_state(),
+    "set_rng_state": lambda *a, **k: None,
+}
+_CUDA_RANDOM_STUBS: dict[str, Any] = {
+    "get_rng_state": lambda *a, **k: torch.get_rng_state(),
+    "set_rng_state": lambda *a, **k: None,
 }
 
 _active = False
 
 
-def needed() -> bool:
-    """True when this process must run megatron-core without CUDA."""
+def needed(device: Optional[torch.device] = None) -> bool:
+    """True when this process runs megatron-core on the CPU: the chosen device is the CPU (or, with
+    no device given, CUDA is absent)."""
+    if device is not None:
+        return torch.device(device).type == "cpu"
     return not torch.cuda.is_available()
 
 
+def active() -> bool:
+    return _active
+
+
 @contextlib.contextmanager
-def cpu_compat() -> Iterator[None]:
-    """Enter the compatibility layer (no-op when CUDA is available or it is already active)."""
+def cpu_compat(device: Optional[torch.device] = None) -> Iterator[None]:
+    """Enter the compatibility layer (no-op when the device is not the CPU or it is already active)."""
     global _active
-    if _active or not needed():
+    if _active or not needed(device):
         yield
         return
+    import torch.cuda.random as cuda_random
+
     saved = {name: getattr(torch.cuda, name) for name in _CUDA_STUBS}
+    saved_random = {name: getattr(cuda_random, name) for name in _CUDA_RANDOM_STUBS}
     for name, stub in _CUDA_STUBS.items():
         setattr(torch.cuda, name, stub)
+    for name, stub in _CUDA_RANDOM_STUBS.items():
+        setattr(cuda_random, name, stub)
     _active = True
     try:
         with _CudaToCpuMode():
@@ -122,18 +149,21 @@ def cpu_compat() -> Iterator[None]:
     finally:
         for name, fn in saved.items():
             setattr(torch.cuda, name, fn)
+        for name, fn in saved_random.items():
+            setattr(cuda_random, name, fn)
         _active = False
 
 
 _process_ctx: contextlib.ExitStack | None = None
 
 
-def enable_for_process() -> None:
-    """Enter `cpu_compat()` for the rest of the process (training entry points)."""
+def enable_for_process(device: Optional[torch.device] = None) -> None:
+    """Enter `cpu_compat()` for the rest of the process (training entry points), when `device` (the
+    run's chosen device; default: CUDA absent) is the CPU."""
     global _process_ctx
-    if _process_ctx is None and needed():
+    if _process_ctx is None and needed(device):
         _process_ctx = contextlib.ExitStack()
-        _process_ctx.enter_context(cpu_compat())
+        _process_ctx.enter_context(cpu_compat(device))
 
 
 def disable_for_process() -> None:

@@ -5,6 +5,7 @@ Works alone (world size 1, no torchrun) and under torchrun / srun; NCCL with CUD
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from datetime import timedelta
@@ -63,22 +64,96 @@ def _init_default_group(backend: str) -> None:
     dist.init_process_group(backend, store=dist.PrefixStore(f"/mmtrain/attempt_{attempt}", store), rank=rank, world_size=world)
 
 
-def pick_device(requested: str) -> torch.device:
+class DeviceError(RuntimeError):
+    """The requested device cannot be had on this machine; the message says what to change."""
+
+
+_warned_cpu_fallback = False
+
+
+def pick_device(requested: str, accelerator: str = "cpu") -> torch.device:
+    """The device this process runs on.
+
+    requested: trainer.device (auto | cpu | cuda); accelerator: cluster.accelerator (cpu | gpu).
+    * cpu: the CPU, even on a GPU host.
+    * cuda, or a GPU cluster config: `cuda:LOCAL_RANK`, or an error before anything is built when
+      CUDA is absent or LOCAL_RANK has no GPU of its own (NCCL cannot share one GPU between ranks).
+    * auto on the CPU cluster config: CUDA when every local rank gets its own GPU; when more ranks
+      than GPUs share this node (e.g. the 2-4-process CPU tests on a one-GPU box) the CPU for all of
+      them, with one warning.
+    """
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"trainer.device must be auto, cpu or cuda, got {requested!r}")
     if requested == "cpu":
         return torch.device("cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("trainer.device=cuda but no CUDA device is visible")
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+    have = torch.cuda.is_available()
+    count = torch.cuda.device_count() if have else 0
+    if requested == "cuda" or accelerator == "gpu":
+        why = "trainer.device=cuda" if requested == "cuda" else f"cluster.accelerator=gpu (a GPU cluster config)"
+        if count == 0:
+            raise DeviceError(
+                f"{why} but no CUDA device is visible on this machine; nothing was built. For a CPU run use "
+                "cluster=cpu (with model=tiny for a smoke run), or trainer.device=cpu to force the CPU."
+            )
+        if local_rank >= count:
+            raise DeviceError(
+                f"LOCAL_RANK={local_rank} but only {count} CUDA device(s) are visible ({why}): each rank needs a GPU "
+                f"of its own. Launch at most {count} process(es) per node (torchrun --nproc_per_node={count}), expose "
+                "more GPUs (CUDA_VISIBLE_DEVICES), or run every rank on the CPU with trainer.device=cpu."
+            )
+        return torch.device("cuda", local_rank)
+    if count == 0:
+        return torch.device("cpu")
+    if local_world > count or local_rank >= count:
+        global _warned_cpu_fallback
+        if local_rank == 0 and not _warned_cpu_fallback:
+            _warned_cpu_fallback = True
+            logging.getLogger("mmtrain").warning(
+                "%d processes on this node but %d CUDA device(s): every rank runs on the CPU (gloo); "
+                "set trainer.device=cuda to make this an error", local_world, count,
+            )
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
 
 
-def initialize(par: ParallelConfig, device_request: str, seed: int) -> ParallelLayout:
+def configure_cuda_allocator(expandable_segments: bool) -> None:
+    """expandable_segments: the caching allocator grows segments in place instead of keeping many
+    fixed-size blocks, so packs of varying length do not fragment GPU memory. Must run before the
+    first CUDA allocation to apply to everything (PYTORCH_CUDA_ALLOC_CONF wins when set)."""
+    if not expandable_segments or "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
+        return
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    # torch reads the variable when it loads; set the live allocator config too
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    try:
+        if setter is not None:
+            setter("expandable_segments:True")
+        else:  # pragma: no cover - older torch
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except Exception as e:  # pragma: no cover - depends on the CUDA build
+        logging.getLogger("mmtrain").warning("could not turn on expandable_segments: %s", e)
+
+
+def check_parallel(par: ParallelConfig) -> None:
+    """Reject settings this build cannot honour, naming the key."""
+    if par.sequence_parallel:
+        raise ValueError(
+            "parallel.sequence_parallel=true is not supported: mmtrain builds megatron-core's local layer spec, "
+            "whose torch LayerNorm/RMSNorm cannot run sequence parallel (megatron asserts in torch_norm.py); it needs "
+            "transformer-engine layers, which this build does not use. Set parallel.sequence_parallel=false."
+        )
+
+
+def initialize(par: ParallelConfig, device_request: str, seed: int, accelerator: str = "cpu", expandable_segments: bool = True) -> ParallelLayout:
     """Create the default process group (if needed) and megatron-core's TP/PP/DP groups."""
-    device = pick_device(device_request)
+    check_parallel(par)
+    device = pick_device(device_request, accelerator)
     if device.type == "cpu":
-        cpu_compat.enable_for_process()
+        cpu_compat.enable_for_process(device)
     else:
+        configure_cuda_allocator(expandable_segments)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain `python -m mmtrain.train`: a world of one

@@ -1,16 +1,15 @@
-"""Data module: a Source -> the step stream -> this rank's packed micro-batches (`mmtrain.steps.build`
+"""Data module: a Source -> the step stream -> this rank's packed micro-batches (`mmtrain.steps.from_config`
 makes the source and the stream, as `mmtrain simulate` and `mmtrain pack` do)."""
 
 from __future__ import annotations
 
 from typing import Iterator, Optional
 
-import numpy as np
-
 from mmtrain.config import MMTrainConfig
 from mmtrain.steps.batch import PackedMicroBatch, build_micro_batch
 from mmtrain.steps.from_config import build_source, build_stream, source_fingerprint
 from mmtrain.steps.stream import Step
+
 
 class DataModule:
     def __init__(self, cfg: MMTrainConfig, *, dp: int, dp_rank: int, pp: int, first_stage: bool, tokens_per_tile: int) -> None:
@@ -52,6 +51,10 @@ class DataModule:
     def row_length(self) -> Optional[int]:
         p = self.cfg.packing
         if not p.enabled and p.pad_unpacked_to == "seq_length":
+            return p.seq_length
+        if p.enabled and p.pad_to is not None:
+            if p.pad_to != "seq_length":
+                raise ValueError(f"packing.pad_to={p.pad_to!r}: choose seq_length or null")
             return p.seq_length
         return None
 

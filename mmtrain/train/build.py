@@ -19,12 +19,8 @@ from mmtrain.models.config import tokens_per_tile
 from mmtrain.models.vlm import VLM, ParallelShape
 from mmtrain.parallel import setup
 from mmtrain.steps.datamodule import DataModule
-
-
-def dtype_of(precision: str) -> torch.dtype:
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"trainer.precision must be fp32 or bf16, got {precision!r}")
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+from mmtrain.train import runtime
+from mmtrain.train.runtime import dtype_of  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -43,8 +39,13 @@ def build(cfg: MMTrainConfig) -> Built:
     """Set up process groups, the model on this rank's stage, DDP, the optimizer and the data."""
     logging.getLogger("megatron").setLevel(logging.WARNING)
     logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)  # "GPTModel IS DEPRECATED"
-    layout = setup.initialize(cfg.parallel, cfg.trainer.device, cfg.trainer.seed)
-    dtype = dtype_of(cfg.trainer.precision)
+    runtime.dtype_of(cfg.trainer.precision)  # a bad value fails before any process group exists
+    layout = setup.initialize(
+        cfg.parallel, cfg.trainer.device, cfg.trainer.seed, accelerator=cfg.cluster.accelerator,
+        expandable_segments=cfg.perf.expandable_segments,
+    )
+    dtype = runtime.dtype_of(cfg.trainer.precision, layout.device)
+    cfg.trainer.precision = runtime.precision_name(dtype)  # auto resolved: summaries and checkpoints name it
     torch.manual_seed(cfg.trainer.seed)
     on_cpu = layout.device.type == "cpu"
     vlm = build_model(cfg, layout, dtype)
@@ -54,7 +55,9 @@ def build(cfg: MMTrainConfig) -> Built:
     ddp = DistributedDataParallel(
         config=vlm.config,
         ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_dist_opt
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=runtime.overlap_grad_reduce(cfg, layout.dp),
+            use_distributed_optimizer=use_dist_opt,
         ),
         module=vlm,
     )
@@ -86,7 +89,11 @@ def build_model(cfg: MMTrainConfig, layout: setup.ParallelLayout, dtype: torch.d
     """This rank's VLM stage with its weights: `model.pretrained` loaded into the TP/PP shards, or
     every full tensor drawn from (trainer.seed, its layout-independent name) and then sharded."""
     on_cpu = layout.device.type == "cpu"
-    vlm = VLM(cfg.model, ParallelShape(layout.tp, layout.pp), dtype, use_cpu_init=on_cpu, backend=cfg.model.attention_backend)
+    import torch.distributed as dist
+
+    backend = dist.get_backend() if dist.is_initialized() else "gloo"
+    rt = runtime.model_runtime(cfg, layout.device, backend, layout.dp)
+    vlm = VLM(cfg.model, ParallelShape(layout.tp, layout.pp), dtype, use_cpu_init=on_cpu, backend=cfg.model.attention_backend, runtime=rt)
     # Our own ViT stem (conv, positions, LNs) is built in fp32; run the whole model in the training
     # dtype (the megatron optimizer keeps fp32 main params for bf16).
     vlm.to(device=layout.device, dtype=dtype)
@@ -97,6 +104,9 @@ def build_model(cfg: MMTrainConfig, layout: setup.ParallelLayout, dtype: torch.d
         _check_every_tensor_used(cfg, report)
     else:
         params.initialize(vlm, cfg.model, cfg.trainer.seed, layout.tp_rank, layout.tp)
+    vlm.attention_backends = vlm.prepare(layout.device, dtype)
+    if cfg.perf.compile == "layers":
+        vlm.compile_layers()
     return vlm
 
 

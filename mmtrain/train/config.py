@@ -12,7 +12,7 @@ class TrainerConfig:
     global_batch_size: int = 16  # samples per optimizer step
     micro_batch_size: int = 1  # packs (or padded samples when packing is off) per micro-batch
     seed: int = 42
-    precision: str = "fp32"  # fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on the CPU) | fp32 | bf16
     output_dir: str = "outputs/run"
     lr: float = 1e-3
     min_lr: float = 0.0

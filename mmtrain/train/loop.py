@@ -21,6 +21,7 @@ from mmtrain.train.log import RunLog, require_wandb
 from mmtrain.train.lr import lr_at
 from mmtrain.train.metrics import MetricsWriter, _progress, _read_metrics, peak_flops, step_ratio, summarize
 from mmtrain.train.preemption import Preempted, PreemptionHandler
+from mmtrain.train.runtime import step_feed
 from mmtrain.train.step import run_step
 
 
@@ -119,10 +120,12 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
         bar.update(start)
     runlog = RunLog(cfg, out_dir, is_rank0, start)
     runlog.set_progress_bar(bar)
+    attn = getattr(b.model.module, "attention_backends", {})
     runlog.info(
-        "run: model=%s packing=%s world=%d (TP%d PP%d DP%d) device=%s steps %d..%d%s -> %s",
+        "run: model=%s packing=%s world=%d (TP%d PP%d DP%d) device=%s %s attention=%s steps %d..%d%s -> %s",
         cfg.model.name, "on" if cfg.packing.enabled else "off", lay.world_size, lay.tp, lay.pp, lay.dp,
-        lay.device, start + 1, t.max_steps, f" (resumed after step {start})" if start else "", out_dir,
+        lay.device, t.precision, "/".join(dict.fromkeys(attn.values())) or "-", start + 1, t.max_steps,
+        f" (resumed after step {start})" if start else "", out_dir,
     )
     peak = peak_flops(cfg, lay.device)
     skipped_steps = int(counters.get("skipped_steps", 0))
@@ -131,13 +134,16 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
     skipped_samples = int(getattr(b.data.source, "skipped_samples", 0))
     data_counts = getattr(b.data.source, "data_counts", dict)()  # dropped / truncated when opened
     saves: list[dict] = []
+    # Plans and builds step k+1 on a thread while step k computes; its state_dict() is the data
+    # state after the last *consumed* step, which is what a checkpoint must hold.
+    feed = step_feed(b, limit=t.max_steps - start)
 
     def save(done: int, reason: str) -> None:
         extra = {
             "source_fingerprint": src_fp,
             "counters": {"skipped_steps": skipped_steps, "consecutive_nonfinite": consecutive, "bad_samples": bad_samples},
         }
-        stats = checkpointer.save(done, b.data.state_dict(), extra, reason)
+        stats = checkpointer.save(done, feed.state_dict(), extra, reason)
         if stats is not None and reason != "preempt" and stats["blocking_s"] > t.preempt_save_budget_s and is_rank0:
             runlog.info(
                 "warning: a blocking checkpoint save took %.1f s, more than trainer.preempt_save_budget_s=%.0f s: a "
@@ -147,11 +153,12 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
 
     try:
         for step in range(start, t.max_steps):
-            st = b.data.next_step()
+            t0 = time.perf_counter()
+            ready = feed.next()
+            st = ready.plan
             if st.step != step:
                 raise RuntimeError(f"the data stream is at step {st.step}, the trainer at step {step}")
-            t0 = time.perf_counter()
-            r = run_step(b, st, injector)
+            r = run_step(b, st, injector, micro_batches=ready.micro_batches)
             step_s = time.perf_counter() - t0
             # Measured per-rank compute time next to the balancer's prediction, each rank's DP rank,
             # and in the last slot the samples whose image failed to decode (counted once: TP rank 0
@@ -187,6 +194,7 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
                 "loss_tokens": r["loss_tokens"],
                 "time_per_sample_ms": 1000.0 * step_s / samples,
                 "step_time_s": step_s,
+                "data_wait_ms": 1000.0 * ready.wait_s,  # part of step_time_s the loop waited for input
                 "tokens_per_s": real_tokens / step_s,
                 "padding_fraction": 1.0 - real_tokens / max(padded, 1),
                 "packs": len(st.rows),
@@ -213,6 +221,8 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
                 rec["sample_ids"] = [b.data.record_id(i) for i in st.sample_ids]  # record ids
                 rec["rank_sample_ids"] = _ran(b, r["sample_ids_local"])
             fit = b.data.observe(st, dp_s)
+            if cfg.balancing.calibrate_steps > 0:
+                feed.refresh()  # the observations (and a fit) are data state a checkpoint must hold
             if fit is not None:
                 rec["calibrated_cost_model"] = fit["cost_model"]
                 runlog.info(
@@ -296,6 +306,7 @@ def _train(cfg: MMTrainConfig, preempt: PreemptionHandler) -> dict:
         )
         return summary
     finally:
+        feed.close()
         if bar is not None:
             bar.close()
         writer.close()

@@ -21,6 +21,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mmtrain.steps.batch import PackedMicroBatch
+from mmtrain.steps.prefetch import model_images
 from mmtrain.train import faults
 from mmtrain.train.build import Built, _TimedFinalize
 from mmtrain.train.lr import lr_at
@@ -53,6 +54,7 @@ def forward_backward(b: Built, micro_batches: list[PackedMicroBatch], *, forward
     already all-reduced over DP and divided by the global loss-token count."""
     mbs = [mb.to(b.layout.device) for mb in micro_batches]
     first, last = b.layout.is_first_stage, b.layout.is_last_stage
+    pixel_norm = getattr(b.data.source, "pixel_norm", None)
 
     def forward_step(data_iterator, model):
         mb: PackedMicroBatch = next(data_iterator)
@@ -60,7 +62,7 @@ def forward_backward(b: Built, micro_batches: list[PackedMicroBatch], *, forward
             mb.tokens,
             mb.position_ids,
             packed_seq_params(mb),
-            images=mb.images.to(b.dtype) if first else None,
+            images=model_images(mb.images, b.dtype, pixel_norm) if first else None,
             image_token_index=mb.image_token_index if first else None,
             labels=mb.labels if last else None,
             image_grid_thw=mb.image_grid_thw if first else None,
@@ -116,13 +118,13 @@ def _mask_failed_samples(b: Built, mbs: list[PackedMicroBatch]) -> int:
     return n
 
 
-def run_step(b: Built, st, injector: Optional[faults.FaultInjector] = None) -> dict:
-    """Forward/backward over this rank's micro-batches of step `st` (a `mmtrain.steps.stream.Step`),
-    then the optimizer step, unless the loss or a gradient is NaN/Inf on any rank: then the update
-    is skipped (`nonfinite`)."""
+def run_step(b: Built, st, injector: Optional[faults.FaultInjector] = None, micro_batches=None) -> dict:
+    """Forward/backward over this rank's micro-batches of step `st` (a `mmtrain.steps.stream.Step`;
+    built here unless the step feed already built them), then the optimizer step, unless the loss or
+    a gradient is NaN/Inf on any rank: then the update is skipped (`nonfinite`)."""
     for group in b.optimizer.param_groups:
         group["lr"] = lr_at(b.cfg, st.step)
-    mbs = list(b.data.micro_batches(st))
+    mbs = list(micro_batches) if micro_batches is not None else list(b.data.micro_batches(st))
     bad = _mask_failed_samples(b, mbs)
     r = forward_backward(b, mbs, step=st.step)
     r["bad_samples_local"] = bad

@@ -92,7 +92,8 @@ def train(path: str, overrides: list[str]) -> None:
             dist.all_gather(parts, t.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
             t = torch.cat(parts, dim=p.partition_dim)
         params[name] = t.cpu()
-    torch.save({"losses": losses, "params": params, "dp_rank": b.layout.dp_rank, "pp_rank": b.layout.pp_rank}, f"{path}.rank{b.layout.rank}.pt")
+    torch.save({"losses": losses, "params": params, "dp_rank": b.layout.dp_rank, "pp_rank": b.layout.pp_rank,
+                "overlap_grad_reduce": b.model.ddp_config.overlap_grad_reduce}, f"{path}.rank{b.layout.rank}.pt")
 
 
 if __name__ == "__main__":

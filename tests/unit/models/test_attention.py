@@ -1,4 +1,6 @@
-"""Reference varlen attention vs dense masked attention; GPU backend vs reference (GPU only)."""
+"""Reference varlen attention vs dense masked attention; the CPU-capable backends (sdpa, dense) vs the
+reference, forward and backward; how backends are picked and probed; the per-segment tolerance the
+GPU kernel tests use (tests/gpu/) is proved able to catch an off-by-one segment."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import math
 import pytest
 import torch
 
+from attention_checks import bf16_attention, check_segments, megatron_qkv_views
 from mmtrain.models.attention import backends
 from mmtrain.models.attention.reference import varlen_attention_reference
 
@@ -58,17 +61,86 @@ def test_auto_backend_on_cpu_is_reference_and_named_gpu_backend_is_refused():
         backends.resolve("nope", torch.device("cpu"), torch.float32)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("causal", [True, False])
-def test_torch_varlen_matches_reference_bf16(causal):
-    g = torch.Generator().manual_seed(0)
-    lens = [1, 300, 17, 1024, 5]
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32).cuda()
-    t = int(cu[-1])
-    q = torch.randn(t, 32, 128, generator=g).cuda().bfloat16()
-    k = torch.randn(t, 8, 128, generator=g).cuda().bfloat16()
-    v = torch.randn(t, 8, 128, generator=g).cuda().bfloat16()
-    fast = backends.BACKENDS["torch_varlen"](q, k, v, cu, max(lens), causal, None)
-    ref = varlen_attention_reference(q, k, v, cu, causal=causal)
-    torch.testing.assert_close(fast.float(), ref.float(), rtol=2e-2, atol=2e-2)
+def _cu(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def _fwd_bwd(fn, q, k, v, cu, causal, window=None):
+    qs, ks, vs = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = fn(qs, ks, vs, cu, int((cu[1:] - cu[:-1]).max()), causal, None, window)
+    g = torch.Generator().manual_seed(5)
+    out.backward(torch.randn(out.shape, generator=g))
+    return out.detach(), qs.grad, ks.grad, vs.grad
+
+
+@pytest.mark.parametrize("name", ["sdpa", "dense"])
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, 4)])
+def test_cpu_backends_match_the_reference_forward_and_backward(name, causal, window):
+    cu = _cu([1, 9, 0, 23, 4]) if name == "dense" else _cu([1, 9, 23, 4])  # dense: empty segments too
+    q, k, v, _ = megatron_qkv_views(int(cu[-1]), heads=4, groups=2, dim=8, dtype=torch.float32, device="cpu")
+    assert not k.is_contiguous() and not v.is_contiguous()
+    fast = _fwd_bwd(backends.BACKENDS[name], q, k, v, cu, causal, window)
+    ref = _fwd_bwd(backends.BACKENDS["reference"], q, k, v, cu, causal, window)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_segment_tolerance_passes_bf16_attention_and_catches_an_off_by_one_segment():
+    """The GPU kernel tests judge bf16 kernels with check_segments: attention computed with a flash
+    kernel's bf16 roundings must pass, and a stream whose 4th boundary moved by one token (either
+    way) must fail, forward and backward."""
+    cu = _cu([200, 1, 300, 57, 600])
+    q, k, v, _ = megatron_qkv_views(int(cu[-1]), heads=8, groups=2, dim=64, dtype=torch.float32, device="cpu", seed=3)
+    q, k, v = (t.detach().bfloat16().float() for t in (q, k, v))  # the kernel's inputs, exactly
+    ref = _fwd_bwd(backends.BACKENDS["reference"], q, k, v, cu, True)
+    for what, a, b in zip(("output", "dq", "dk", "dv"), _fwd_bwd(bf16_attention, q, k, v, cu, True), ref):
+        check_segments(a, b, cu, what)
+    late, early = cu.clone(), cu.clone()
+    late[3] += 1  # the 57-token sample's first token joins the 300-token one
+    early[3] -= 1
+    for shifted in (late, early):
+        wrong = _fwd_bwd(backends.BACKENDS["reference"], q, k, v, shifted, True)
+        for what, a, b in zip(("output", "dq", "dk", "dv"), wrong, ref):
+            with pytest.raises(AssertionError, match="segment"):
+                check_segments(a, b, cu, what)
+
+
+def test_probe_accepts_a_working_backend_and_names_what_breaks(monkeypatch):
+    cpu = torch.device("cpu")
+    assert backends._probe("sdpa", cpu, torch.float32) is None
+    monkeypatch.setitem(backends.BACKENDS, "sdpa", lambda q, k, v, *a, **kw: backends._sdpa(q, k, v, *a, **kw) * 1.5)
+    assert "differs from the reference" in backends._probe("sdpa", cpu, torch.float32)
+
+    def crash(*a, **kw):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    monkeypatch.setitem(backends.BACKENDS, "sdpa", crash)
+    assert "no kernel image" in backends._probe("sdpa", cpu, torch.float32)
+    monkeypatch.setitem(backends._MODULES, "torch_varlen", "mmtrain_no_such_module")
+    assert "import mmtrain_no_such_module failed" in backends._probe("torch_varlen", cpu, torch.bfloat16)
+
+
+def test_auto_skips_a_broken_backend_with_one_warning(monkeypatch, caplog):
+    cpu = torch.device("cpu")
+
+    def crash(*a, **kw):
+        raise RuntimeError("undefined symbol: _ZN3c10")
+
+    monkeypatch.setitem(backends.BACKENDS, "sdpa", crash)
+    monkeypatch.setattr(backends, "_PROBED", {})
+    monkeypatch.setattr(backends, "_WARNED", set())
+    monkeypatch.setattr(backends, "_auto_candidates", lambda device, dtype: ("sdpa", "reference"))
+    with caplog.at_level("WARNING", logger="mmtrain"):
+        assert backends.resolve("auto", cpu, torch.float32) == "reference"
+        assert backends.resolve("auto", cpu, torch.float32) == "reference"
+    warned = [r for r in caplog.records if "sdpa" in r.getMessage()]
+    assert len(warned) == 1 and "undefined symbol" in warned[0].getMessage()
+    with pytest.raises(ValueError, match="undefined symbol"):
+        backends.resolve("sdpa", cpu, torch.float32)
+
+
+def test_auto_on_cuda_never_lists_the_reference_and_fp32_gets_a_real_kernel():
+    cands = backends._auto_candidates(torch.device("cuda", 0), torch.float32)
+    assert "reference" not in cands and "sdpa" in cands
+    why = backends.unavailable_reason("torch_varlen", torch.device("cuda", 0), torch.float32)
+    assert why is not None and "bf16" in why
