@@ -148,6 +148,12 @@ class NativeVisionEncoder(MegatronModule):
         full = rope.with_rope(_psp(*_cu(frames, device)), _tables(angles))
         return VisionStream(full, windows, order, restore)
 
+    def blank_image(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """One black one-frame image of a single merge unit (m x m patches) and its grid [1, 3]:
+        what a micro-batch without images runs so that the ViT still gets its (zero) gradients."""
+        w = self.conv.weight
+        return torch.zeros(self.unit, w[0].numel(), device=device, dtype=w.dtype), torch.tensor([[1, self.merge, self.merge]])
+
     def _to_windows(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """Rows of x (one per patch) regrouped window by window, merge unit by merge unit."""
         return x.reshape(-1, self.unit, x.shape[-1])[order].reshape(x.shape)

@@ -386,7 +386,8 @@ class VLM(MegatronModule):
             elif self.runtime.grads_every_micro_batch and torch.is_grad_enabled() and self._image_path_trains():
                 # No tile here: one black tile through the ViT and projector, added as 0 x its
                 # features, gives their parameters the (zero) gradients the overlapped reduce waits for.
-                vis = self.projector(self.vision(self.vision.blank_tiles(1, emb.device)))
+                blank = self.vision.blank_image(emb.device) if self.native else (self.vision.blank_tiles(1, emb.device),)
+                vis = self.projector(self.vision(*blank))
                 emb = emb + 0.0 * vis.sum().to(emb.dtype)
             decoder_input = emb
         return self.language_model(

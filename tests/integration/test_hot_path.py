@@ -94,7 +94,7 @@ def test_pp2_static_tokens_without_p2p_sync_equals_unpacked(tmp_path):
     """Fixed micro-batch shapes turn megatron's per-micro-batch shape exchange off
     (variable_seq_lengths=False); batch_p2p_sync=false drops the sync after each send/recv."""
     out = tmp_path / "pp2"
-    env = {"MMTRAIN_EQ_VARIANTS": "packing.enabled=true packing.pad_to=seq_length perf.batch_p2p_sync=false;packing.enabled=false"}
+    env = {"MMTRAIN_EQ_VARIANTS": "packing.enabled=true packing.strict_equivalence=true packing.pad_to=seq_length perf.batch_p2p_sync=false;packing.enabled=false"}
     ovr = BASE + ["trainer.precision=fp32", "packing.seq_length=512", "parallel.pipeline_model_parallel_size=2"]
     torchrun(2, ["tests/integration/dist_worker.py", "equivalence", str(out), *ovr], env=env)
     for r in range(2):
@@ -109,10 +109,12 @@ def test_pp2_static_tokens_without_p2p_sync_equals_unpacked(tmp_path):
 
 @pytest.mark.multiproc
 def test_dp2_overlapped_grad_reduce_with_an_imageless_rank_matches_dp1(tmp_path):
-    """The decoder trains at DP2, so the DP gradient reduce overlaps the backward; two samples make
-    one pack, so one rank runs an empty micro-batch without tiles (its ViT and projector still get
-    their zero gradients, which megatron's overlapped reduce waits for). Same update as DP1."""
+    """The decoder trains at DP2, so the DP gradient reduce overlaps the backward; in the strict mode
+    a step packs its two samples into one pack, so one rank runs an empty micro-batch without tiles
+    (its ViT and projector still get their zero gradients, which megatron's overlapped reduce waits
+    for). Same update as DP1."""
     ovr = BASE + ["trainer.precision=fp32", "trainer.max_steps=2", "trainer.global_batch_size=2", "packing.buffer_size=2",
+                  "packing.strict_equivalence=true",
                   "data.max_tiles=2", "model.freeze_lm=false"]
     torchrun(1, ["tests/integration/dist_worker.py", "train", str(tmp_path / "dp1"), *ovr])
     torchrun(2, ["tests/integration/dist_worker.py", "train", str(tmp_path / "dp2"), *ovr])
