@@ -91,7 +91,7 @@ def pick_device(requested: str, accelerator: str = "cpu") -> torch.device:
     have = torch.cuda.is_available()
     count = torch.cuda.device_count() if have else 0
     if requested == "cuda" or accelerator == "gpu":
-        why = "trainer.device=cuda" if requested == "cuda" else f"cluster.accelerator=gpu (a GPU cluster config)"
+        why = "trainer.device=cuda" if requested == "cuda" else "cluster.accelerator=gpu (a GPU cluster config)"
         if count == 0:
             raise DeviceError(
                 f"{why} but no CUDA device is visible on this machine; nothing was built. For a CPU run use "

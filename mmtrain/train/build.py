@@ -20,7 +20,6 @@ from mmtrain.models.vlm import VLM, ParallelShape
 from mmtrain.parallel import setup
 from mmtrain.steps.datamodule import DataModule
 from mmtrain.train import runtime
-from mmtrain.train.runtime import dtype_of  # noqa: F401  (re-exported)
 
 
 @dataclass

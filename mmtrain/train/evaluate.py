@@ -218,11 +218,13 @@ def evaluate(cfg, out: str, checkpoint: Optional[str] = None) -> Optional[dict]:
     from mmtrain.models.vlm import VLM, ParallelShape, tokens_per_tile
     from mmtrain.parallel import setup
     from mmtrain.steps.datamodule import build_source
-    from mmtrain.train.build import build_model, dtype_of
+    from mmtrain.train.build import build_model
+    from mmtrain.train.runtime import dtype_of
 
-    lay = setup.initialize(cfg.parallel, cfg.trainer.device, cfg.trainer.seed)
+    dtype_of(cfg.trainer.precision)  # a bad value fails before any process group exists
+    lay = setup.initialize(cfg.parallel, cfg.trainer.device, cfg.trainer.seed, accelerator=cfg.cluster.accelerator)
     try:
-        dtype = dtype_of(cfg.trainer.precision)
+        dtype = dtype_of(cfg.trainer.precision, lay.device)  # auto: bf16 on CUDA, fp32 on the CPU, as training
         torch.manual_seed(cfg.trainer.seed)
         if checkpoint:
             vlm = VLM(cfg.model, ParallelShape(lay.tp, lay.pp), dtype, use_cpu_init=lay.device.type == "cpu",

@@ -73,8 +73,6 @@ def equivalence(path: str, overrides: list[str], variants: tuple[str, str]) -> N
 
 
 def train(path: str, overrides: list[str]) -> None:
-    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region  # noqa: F401
-
     cfg = compose(overrides)
     b = build(cfg)
     losses = []
