@@ -30,6 +30,7 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "
 ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = range(7)
 EXTRA_ROWS = 5  # model rows beyond the tokenizer's vocabulary
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 20
+FAMILIES = Q.FAMILIES
 
 # Qwen2-VL's template (both content forms), answers marked for return_assistant_tokens_mask
 TEMPLATE = (
