@@ -40,7 +40,8 @@ class DataModule:
 
     def useful_flops(self, step: Step) -> float:
         """FLOPs of the step's real tokens (no padding), the cost model's FLOP formula."""
-        return float(self.flop_model.tiled_costs(self.sample_lengths(step), self.sample_tiles(step)).sum())
+        vsq = self.stream.sample_vision_sq(step.sample_ids)
+        return float(self.flop_model.tiled_costs(self.sample_lengths(step), self.sample_tiles(step), vsq).sum())
 
     def rank_record_ids(self, step: Step) -> list[list[str]]:
         """Record ids each DP rank runs in this step, in run order (as planned)."""

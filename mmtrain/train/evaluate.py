@@ -62,12 +62,14 @@ class Evaluator:
     """Per-sample teacher-forced losses of one source on this rank's share, for any model stage."""
 
     def __init__(self, cfg, layout, source, tokens_per_tile: int) -> None:
+        from mmtrain.steps.from_config import vision_unit_cap
+
         p = cfg.packing
         self.cfg, self.layout, self.source, self.tokens_per_tile = cfg, layout, source, tokens_per_tile
         lengths = np.asarray(source.tiles, dtype=np.int64) * tokens_per_tile + np.asarray(source.text_tokens, dtype=np.int64)
         self.plan = eval_plan(lengths, source.tiles, dp=layout.dp, packing=p.enabled, seq_length=p.seq_length,
                               micro_batch_size=cfg.trainer.micro_batch_size, algorithm=p.algorithm,
-                              max_tiles_per_pack=p.max_tiles_per_pack, pack_align=max(p.align, 1),
+                              max_tiles_per_pack=vision_unit_cap(cfg), pack_align=max(p.align, 1),
                               segment_align=max(p.segment_align, 1))
         v = cfg.model.vision
         self.image_shape = getattr(source, "image_shape", (v.in_channels, v.image_size, v.image_size))
