@@ -89,8 +89,34 @@ def test_micro_batch_equals_transformers_processor(folders, family):
             pos = torch.arange(len(ids)).expand(3, -1)
         assert torch.equal(mb.mrope_position_ids[:, a:b], pos), f"{family} {src.ids[k]}: mRoPE positions != get_rope_index"
     assert torch.equal(mb.image_grid_thw, torch.cat(grids))
+    per_image = mb.image_grid_thw.prod(dim=1).tolist()
+    assert [n for imgs in src.vision_lengths for n in imgs] == per_image  # the cost model's ViT lengths
     assert torch.equal(mb.images, torch.cat(patches).float()), f"{family}: patches differ from the processor's pixel_values"
     assert len(set(map(tuple, mb.image_grid_thw.tolist()))) >= 5  # very different sizes
+
+
+def test_analyze_shows_the_lengths_transformers_makes(folders, tmp_path):
+    """`mmtrain analyze` with the training overrides: per sample the decoder length of transformers'
+    processor (images expanded at native resolution), and per image its ViT patches."""
+    from transformers import AutoProcessor
+
+    from mmtrain.analysis.stats import main
+
+    d = folders["fams"]["qwen2_5_vl"]["dir"]
+    out = tmp_path / "an"
+    assert main(["--out", str(out), "--no-plots", "model=hf", f"model.pretrained={d}", "data=llava_json",
+                 f"data.source={folders['data']}"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    proc = AutoProcessor.from_pretrained(str(d), local_files_only=True)
+    refs = [C.encode_reference(proc, rec, folders["root"] / "data") for rec in C.RECORDS]
+    lengths = [int(r["input_ids"].shape[1]) for r in refs]
+    patches = [int(g.prod()) for r in refs if "image_grid_thw" in r for g in r["image_grid_thw"]]
+    assert stats["total_tokens"]["max"] == max(lengths) and stats["total_tokens"]["min"] == min(lengths)
+    assert stats["total_tokens"]["mean"] == pytest.approx(float(np.mean(lengths)))
+    assert stats["vit_patches_per_image"]["count"] == len(patches)
+    assert stats["vit_patches_per_image"]["mean"] == pytest.approx(float(np.mean(patches)))
+    assert (stats["vit_patches_per_image"]["min"], stats["vit_patches_per_image"]["max"]) == (min(patches), max(patches))
+    assert "tiles" not in stats and stats["accounting"]["mode"] == "training (native resolution)"
 
 
 @pytest.fixture(scope="module")
