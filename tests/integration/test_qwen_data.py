@@ -119,6 +119,37 @@ def test_analyze_shows_the_lengths_transformers_makes(folders, tmp_path):
     assert "tiles" not in stats and stats["accounting"]["mode"] == "training (native resolution)"
 
 
+def test_bad_native_records_are_named_or_skipped(folders, tmp_path):
+    """An image the Qwen processor refuses (aspect ratio over 200), a missing one and an image that
+    decodes to another grid than its header said: `fail` names every record, `skip` lists them in
+    the report and trains on the rest; a decode failure in training feeds black patches (masked)."""
+    from PIL import Image
+
+    from mmtrain.config import compose
+    from mmtrain.data.sources.llava_train import BadSampleError
+    from mmtrain.steps.from_config import build_source
+
+    root = folders["root"] / "data"
+    Image.new("RGB", (1000, 4)).save(tmp_path / "thin.png")
+    recs = [C.RECORDS[0], {"id": "thin", "image": str(tmp_path / "thin.png"), "conversations": C.RECORDS[0]["conversations"]},
+            {"id": "gone", "image": "nope.png", "conversations": C.RECORDS[0]["conversations"]}]
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    base = ["model=hf", f"model.pretrained={folders['fams']['qwen2_vl']['dir']}", "data=llava_json",
+            f"data.source={data}", f"data.image_root={root}"]
+    with pytest.raises(BadSampleError) as err:
+        build_source(compose(base), 1)
+    assert "'thin'" in str(err.value) and "aspect ratio" in str(err.value) and "'gone'" in str(err.value)
+    src = build_source(compose(base + ["data.bad_sample_policy=skip"]), 1)
+    assert src.ids == ["first"] and {e["id"] for e in src.report.entries} == {"thin", "gone"}
+    s = src.sample(0, True)
+    assert s.pixels.shape == (int(np.prod(s.image_grid, axis=1).sum()), 3 * 2 * 14 * 14)
+    src._samples[0].files[0] = str(root / "tall.png")  # the file changed since the source was opened
+    black = src.sample(0, True)
+    assert not black.pixels.any() and black.pixels.shape == s.pixels.shape and 0 in src.decode_failed
+    assert src.report.entries[-1]["action"] == "bad_image" and "grid" in src.report.entries[-1]["reason"]
+
+
 @pytest.fixture(scope="module")
 def ours(folders, tmp_path_factory):
     """Both families at TP1 (DP2), TP2 and PP2, packing on and off: one 2-process launch."""
