@@ -197,6 +197,10 @@ def _scan_training(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[
     extra: dict[str, Any] = {"seq_length": view.seq_length, "aspect_ratios": view.aspect_ratios,
                              "packing": packing_stats(view), "notes": view.notes,
                              "tokens_per_tile": view.accounting["tokens_per_tile"]}
+    if view.vit_patches_per_image is not None:  # native resolution: no tiles, ViT lengths instead
+        extra["tiles"] = False
+        extra["vit_patches"] = {"vit_patches_per_image": view.vit_patches_per_image,
+                                "vit_patches_per_sample": view.vit_patches_per_sample}
     return view.result, meta, extra
 
 
@@ -250,6 +254,8 @@ def analyze(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         stats.pop("tiles", None)
     if extra.get("packing"):
         stats["packing"] = extra["packing"]
+    for key, values in (extra.get("vit_patches") or {}).items():
+        stats[key] = quantity_stats(values, [], [])
     aspect = extra["aspect_ratios"]
     if aspect is not None and aspect.size:
         stats["aspect_ratio"] = {"count": int(aspect.size), "min": float(aspect.min()), "max": float(aspect.max()),

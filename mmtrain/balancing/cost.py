@@ -1,8 +1,8 @@
 """The cost of a sample or pack: one formula for the balancer and for MFU's useful FLOPs.
 
 A sample is a decoder segment of `L` tokens (image + text, after expansion) plus the images its
-vision encoder runs, each a ViT sequence of `n_i` tokens (a fixed-size tile today: patches + CLS;
-a native-resolution image later, with its own patch count). Its work has four terms:
+vision encoder runs, each a ViT sequence of `n_i` tokens (a fixed-size tile: patches + CLS; a
+native-resolution image: its own t*h*w patches). Its work has four terms:
 
     decoder_token     * L           GEMMs of every decoder layer and the LM head
     decoder_attention * L**2        causal attention inside the segment
@@ -46,12 +46,41 @@ def work_terms(decoder_lengths, vision_lengths: Sequence[Sequence[int]] | None =
     return out
 
 
-def tiled_terms(decoder_lengths, tiles, tile_length: int) -> np.ndarray:
-    """`work_terms` for samples whose images are `tiles[j]` fixed tiles of `tile_length` ViT tokens."""
+def tiled_terms(decoder_lengths, tiles, tile_length: int, vision_sq=None) -> np.ndarray:
+    """`work_terms` for samples whose images are `tiles[j]` vision units of `tile_length` ViT tokens
+    each: fixed tiles (each its own ViT sequence), or with `vision_sq` native images, whose units
+    (merged tokens of m^2 patches) add up to sum n_i and vision_sq[j] = sum n_i^2 over its images."""
     L = np.asarray(decoder_lengths, dtype=np.float64).reshape(-1)
     t = np.zeros_like(L) if tiles is None else np.asarray(tiles, dtype=np.float64).reshape(-1)
     n = float(tile_length)
-    return np.stack([L, L * L, t * n, t * n * n], axis=1)
+    sq = t * n * n if vision_sq is None else np.asarray(vision_sq, dtype=np.float64).reshape(-1)
+    return np.stack([L, L * L, t * n, sq], axis=1)
+
+
+def _native_vision(model_cfg) -> tuple[float, float, int]:
+    """(vision_token per ViT patch, vision_attention per patch^2, patches per unit) of a
+    native-resolution ViT (Qwen2-VL / Qwen2.5-VL), training FLOPs as in `CostModel.from_config`.
+
+    Per patch: every block's GEMMs (qkv + proj, fc1/fc2 or SwiGLU's three), the patch embedding
+    (C*T*p^2 inputs), the merger (its MLP over m^2 concatenated patches, per merged token / m^2)
+    and the attention of windowed blocks (bounded by a full window of (window / patch)^2 patches,
+    linear in the image); per patch^2 of each image: the attention of the full-attention blocks."""
+    from mmtrain.models.config import vision_windowed_layers
+
+    d, v, p = model_cfg.decoder, model_cfg.vision, model_cfg.projector
+    train_vit, train_proj = not model_cfg.freeze_vit, not model_cfg.freeze_projector
+    hv, m2 = v.hidden_size, v.spatial_merge_size**2
+    windowed = vision_windowed_layers(model_cfg)
+    full, win = sum(not w for w in windowed), sum(windowed)
+    window_patches = (v.window_size // v.patch_size) ** 2 if v.window_size else 0
+    vit_passes = 3 if train_vit else 1
+    mlp = (3 if v.gated_mlp else 2) * hv * v.ffn_hidden_size
+    per_patch = 2.0 * v.num_layers * (4 * hv * hv + mlp)
+    per_patch += 2.0 * v.in_channels * v.temporal_patch_size * v.patch_size**2 * hv  # patch embedding
+    per_patch += 4.0 * hv * window_patches * win  # windowed attention, QK^T and PV
+    proj_passes = 1 + int(train_vit) + int(train_proj)
+    merger = 2.0 * (m2 * hv * p.ffn_hidden_size + p.ffn_hidden_size * d.hidden_size) / m2
+    return per_patch * vit_passes + merger * proj_passes, 4.0 * hv * full * vit_passes, int(m2)
 
 
 @dataclass(frozen=True)
@@ -60,7 +89,7 @@ class CostModel:
     decoder_attention: float = 0.5e6
     vision_token: float = 0.0
     vision_attention: float = 0.0
-    tile_length: int = 0  # ViT tokens of one fixed-size tile (0: no vision encoder)
+    tile_length: int = 0  # ViT tokens of one vision unit: a tile, or a native merged token (m^2); 0: no ViT
     unit: str = "flop"  # "flop" (the model's formulas) or "s" (calibrated)
 
     # ---- constructors ---------------------------------------------------------------------------
@@ -78,8 +107,9 @@ class CostModel:
         parts skip weight-gradient GEMMs, and a frozen ViT does no backward at all (pixels are
         upstream of it). Attention forward: QK^T and PV, 2 * 2 * S^2 * heads * head_dim per layer
         (halved when causal); backward twice the forward. Only the ViT blocks up to the feature
-        layer run; the projector runs on the image tokens the decoder receives."""
-        from mmtrain.models.config import head_dim, patches_per_tile, tokens_per_tile, vision_layers_used, vit_seq_length
+        layer run; the projector runs on the image tokens the decoder receives. Native-resolution
+        ViTs: see `_native_vision`."""
+        from mmtrain.models.config import head_dim, is_native, patches_per_tile, tokens_per_tile, vision_layers_used, vit_seq_length
 
         d, v, p = model_cfg.decoder, model_cfg.vision, model_cfg.projector
         train_lm, train_vit = not model_cfg.freeze_lm, not model_cfg.freeze_vit
@@ -94,6 +124,8 @@ class CostModel:
         decoder_token = 2.0 * dec_w * gemm_passes
         decoder_attention = 2.0 * a * hd * d.num_layers * attn_passes  # causal: 4 S^2 a hd / 2
 
+        if is_native(model_cfg):
+            return cls(decoder_token, decoder_attention, *_native_vision(model_cfg), "flop")
         n = vit_seq_length(model_cfg)  # ViT tokens of a tile
         hv, layers = v.hidden_size, vision_layers_used(model_cfg)
         vit_passes = 3 if train_vit else 1
@@ -114,9 +146,10 @@ class CostModel:
         """Cost of each sample from its decoder length and the ViT length of each of its images."""
         return work_terms(decoder_lengths, vision_lengths) @ self.coefficients
 
-    def tiled_costs(self, decoder_lengths, tiles=None) -> np.ndarray:
-        """`sample_costs` for fixed-size tiles (`tiles[j]` tiles of `tile_length` ViT tokens)."""
-        return tiled_terms(decoder_lengths, tiles, self.tile_length) @ self.coefficients
+    def tiled_costs(self, decoder_lengths, tiles=None, vision_sq=None) -> np.ndarray:
+        """`sample_costs` for vision units (`tiles[j]` units of `tile_length` ViT tokens; native
+        images: with `vision_sq`, see `tiled_terms`)."""
+        return tiled_terms(decoder_lengths, tiles, self.tile_length, vision_sq) @ self.coefficients
 
     def sample_cost(self, length: float, tiles: float = 0) -> float:
         return float(self.tiled_costs([length], [tiles])[0])

@@ -199,9 +199,12 @@ class ChatEncoder:
         return _render(msgs, self.template, generation=generation, add_generation_prompt=add_generation_prompt, **self._kwargs)
 
     def _content_form(self) -> str:
-        """'string' or 'parts': the message content form this template renders (probed once)."""
+        """'string' or 'parts': the message content form this template renders (probed once). A
+        template that renders both takes parts when its image parts render differently from the bare
+        image token (Qwen's <|vision_start|><|image_pad|><|vision_end|>): that markup is the
+        model's image format, what transformers' processor renders for image parts."""
         probe = [{"role": "user", "content": f"mmq0 {IMAGE_PLACEHOLDER} mmq1"}, {"role": "assistant", "content": "mma0"}]
-        tried = []
+        tried, rendered = [], {}
         for form in ("string", "parts"):
             msgs = self._in_form(probe, form)
             try:
@@ -210,8 +213,13 @@ class ChatEncoder:
                 tried.append(f"{form}: {type(e).__name__}: {e}")
                 continue
             if all(w in text for w in ("mmq0", "mmq1", "mma0")) and text.count(self.image_token) == 1 and "'type'" not in text:
-                return form
-            tried.append(f"{form}: rendered {text[:200]!r}")
+                rendered[form] = text
+            else:
+                tried.append(f"{form}: rendered {text[:200]!r}")
+        if "string" in rendered and "parts" in rendered:
+            return "parts" if rendered["parts"] != rendered["string"] else "string"
+        if rendered:
+            return next(iter(rendered))
         raise TemplateError(
             f"chat template {self.name}: renders neither string contents (with {self.image_token} inside) nor "
             f"lists of text/image parts; probes gave: {'; '.join(tried)}"

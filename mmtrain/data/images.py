@@ -8,6 +8,9 @@ Two pipelines behind one interface (`count` from the header size, `pixels` from 
   folder's processor through a small per-family rule (`TOKEN_RULES`, keyed by processor class):
   LLaVA's is `LlavaProcessor.replace_image_token` on the processed pixels (patch_size,
   vision_feature_select_strategy, num_additional_image_tokens), so the expansion is transformers'.
+* native (model.vision.type=native, Qwen2-VL / Qwen2.5-VL): `NativeImages`, the folder's
+  Qwen2VLImageProcessor (smart resize, flattened patches and a (t, h, w) grid per image); an image
+  becomes t*h*w / m^2 merged tokens, as the processor's `replace_image_token` expands it.
 * `tiles` (data.image_processor=tiles): dynamic tiling (mmtrain.data.accounting) at the ViT's tile
   size, an optional thumbnail tile, CLIP normalisation.
 
@@ -124,9 +127,18 @@ def _llava_tokens(processor, pixel_values: np.ndarray) -> int:
     return text.count(processor.image_token)
 
 
-# processor class name -> tokens of one processed image. Families whose count depends on the image
-# size (native resolution) add theirs here; without a rule the model's tokens per tile is used.
-TOKEN_RULES: dict[str, Callable] = {"LlavaProcessor": _llava_tokens}
+def _qwen_tokens(processor, grid_thw) -> int:
+    """Qwen2VLProcessor's own expansion of one image of grid (t, h, w): its `replace_image_token`."""
+    text = processor.replace_image_token({"image_grid_thw": [np.asarray(grid_thw)]}, image_idx=0)
+    return text.count(processor.image_token)
+
+
+# processor class name -> tokens of one processed image: for tile families from its pixels
+# ([C, H, W]), for native-resolution families (NATIVE_PROCESSORS) from its grid (t, h, w); without
+# a rule the model's tokens per tile is used.
+TOKEN_RULES: dict[str, Callable] = {"LlavaProcessor": _llava_tokens, "Qwen2VLProcessor": _qwen_tokens,
+                                    "Qwen2_5_VLProcessor": _qwen_tokens}
+NATIVE_PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
 
 
 class HFImages:
@@ -144,6 +156,9 @@ class HFImages:
             ip = _load_image_processor(model_dir)
         self.processor = processor
         self.image_processor = ip
+        if type(processor).__name__ in NATIVE_PROCESSORS:
+            raise ValueError(f"{model_dir}: {type(processor).__name__} is a native-resolution processor, but the model "
+                             "config has fixed-size tiles (model.vision.type=tiles); use model=hf for its config.json")
         probe = self._process(_probe_image())
         c, h, w = probe.shape[1:]
         if (c, h, w) != (channels, image_size, image_size):
@@ -179,6 +194,89 @@ class HFImages:
         return np.ascontiguousarray(self._process(open_oriented(path)))
 
 
+class NativeImages:
+    """The model folder's Qwen2-VL-style image processor (Qwen2VLImageProcessor): each image resized
+    within min/max pixels to multiples of patch x merge (smart resize), a still image repeated to the
+    temporal patch, cut into flattened patches in merge-block order; transformers' pixel values.
+
+    Counts come from the header size (no decoding) through `SmartResize` with the processor's own
+    settings, checked at start against the processor (its patch count and its token expansion), and
+    again against the grid of every image it decodes. A unit is one merged token (the decoder's
+    image tokens; m^2 ViT patches): `count` gives (units, tokens), equal."""
+
+    name = "hf"
+    native = True
+    upright_from_header = True  # the grid depends on the image's shape
+
+    def __init__(self, model_dir: str, *, patch_size: int, merge_size: int, temporal_patch_size: int, channels: int) -> None:
+        from mmtrain.data.accounting import SmartResize
+        from mmtrain.data.chat import load_processor
+
+        processor = load_processor(model_dir)
+        ip = getattr(processor, "image_processor", None) if processor is not None else None
+        if ip is None:
+            ip = _load_image_processor(model_dir)
+        self.processor, self.image_processor = processor, ip
+        d = ip.to_dict() if hasattr(ip, "to_dict") else dict(vars(ip))
+        theirs = tuple(d.get(k) for k in ("patch_size", "merge_size", "temporal_patch_size"))
+        ours = (patch_size, merge_size, temporal_patch_size)
+        if theirs != ours:
+            raise ValueError(
+                f"{model_dir}: its image processor ({type(ip).__name__}) has patch_size, merge_size, temporal_patch_size "
+                f"{theirs}, the vision encoder {ours} (model.vision.patch_size / spatial_merge_size / temporal_patch_size)"
+            )
+        self.acct = SmartResize.from_processor_config(d)
+        self.merge = merge_size
+        self.patch_dim = channels * temporal_patch_size * patch_size * patch_size
+        self._check_against_processor(model_dir)
+
+    def _check_against_processor(self, model_dir: str) -> None:
+        """Our counts == the processor's on a few shapes (its patch count, its token expansion) and
+        on a decoded probe image (its grid and pixel rows)."""
+        ip, proc = self.image_processor, self.processor
+        probes = [(37, 53), (300, 40), (24, 260), (1000, 999), (5, 9)]
+        rule = TOKEN_RULES.get(type(proc).__name__) if proc is not None else None
+        for w, h in probes:
+            grid = self.acct.grid_thw(w, h)
+            n = getattr(ip, "get_number_of_image_patches", None)
+            if n is not None and n(h, w, {}) != self.vit_patches(w, h):
+                raise ValueError(f"{model_dir}: {type(ip).__name__} makes {n(h, w, {})} patches of a {w}x{h} image, "
+                                 f"smart resize with its settings {self.vit_patches(w, h)}: an image processor mmtrain cannot count")
+            if rule is not None and rule(proc, grid) != self.count(w, h)[1]:
+                raise ValueError(f"{model_dir}: {type(proc).__name__} expands a {w}x{h} image to {rule(proc, grid)} tokens, "
+                                 f"mmtrain to {self.count(w, h)[1]}")
+        px, grid = self._process(_probe_image())
+        if grid.tolist() != [list(self.acct.grid_thw(53, 37))] or px.shape != (int(grid.prod()), self.patch_dim):
+            raise ValueError(f"{model_dir}: {type(ip).__name__} made pixel values {px.shape} with grid {grid.tolist()} of a "
+                             f"53x37 image; mmtrain expects grid {list(self.acct.grid_thw(53, 37))} and rows of {self.patch_dim} values "
+                             "(model.vision.in_channels x temporal_patch_size x patch_size^2)")
+
+    @property
+    def image_shape(self) -> tuple[int]:
+        return (self.patch_dim,)
+
+    def grid(self, width: int, height: int) -> tuple[int, int, int]:
+        """(t, h, w) in patches of an upright image of this size, as the processor's image_grid_thw."""
+        return self.acct.grid_thw(width, height)
+
+    def vit_patches(self, width: int, height: int) -> int:
+        return self.acct.vit_patches(width, height)
+
+    def count(self, width: int, height: int) -> tuple[int, int]:
+        """(units, decoder tokens) of an upright image: both its merged tokens, t*h*w / m^2."""
+        tokens = self.acct.image_tokens(width, height)
+        return tokens, tokens
+
+    def _process(self, image) -> tuple[np.ndarray, np.ndarray]:
+        out = self.image_processor(images=[image], return_tensors="np")
+        return np.asarray(out["pixel_values"], dtype=np.float32), np.asarray(out["image_grid_thw"], dtype=np.int64)
+
+    def pixels(self, path: str) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 [patches, C*T*p*p], int64 [1, 3] grid): the image as the model's processor prepares it."""
+        px, grid = self._process(open_oriented(path))
+        return np.ascontiguousarray(px), grid
+
+
 def _probe_image():
     from PIL import Image
 
@@ -205,8 +303,18 @@ def image_processor_kind(data_cfg, model_cfg) -> str:
 
 
 def build_images(data_cfg, model_cfg, tokens_per_tile: int):
+    from mmtrain.models.config import is_native
+
     kind = image_processor_kind(data_cfg, model_cfg)
     v = model_cfg.vision
+    if is_native(model_cfg):
+        if kind != "hf":
+            raise ValueError("model.vision.type=native reads images with the model folder's image processor "
+                             "(data.image_processor=hf); tiles are for fixed-size-tile vision encoders")
+        if not model_cfg.pretrained:
+            raise ValueError("model.vision.type=native needs model.pretrained=<folder with the Qwen2-VL image processor>")
+        return NativeImages(model_cfg.pretrained, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                            temporal_patch_size=v.temporal_patch_size, channels=v.in_channels)
     if kind == "hf":
         if not model_cfg.pretrained:
             raise ValueError("data.image_processor=hf needs model.pretrained=<folder with the image processor>")

@@ -129,8 +129,20 @@ def vit_seq_length(cfg: ModelConfig) -> int:
 
 
 def tokens_per_tile(cfg: ModelConfig) -> int:
-    """Image tokens one tile contributes to the decoder stream (after feature selection)."""
+    """Image tokens one vision unit contributes to the decoder stream: a tile's tokens after feature
+    selection, or 1 for native-resolution models, whose unit is one merged token (see `vit_unit_length`)."""
+    if is_native(cfg):
+        return 1
     return vit_seq_length(cfg) - int(cfg.vision.feature_select_strategy == "default")
+
+
+def vit_unit_length(cfg: ModelConfig) -> int:
+    """ViT sequence length of one vision unit, the unit packing and balancing count images in
+    (a sample's `tiles`): a tile (patches + CLS), or for native-resolution models one merged token,
+    m^2 patches (an image of k merged tokens is k units, t*h*w = k*m^2 patches: exact for any grid)."""
+    if is_native(cfg):
+        return cfg.vision.spatial_merge_size**2
+    return vit_seq_length(cfg)
 
 
 def is_native(cfg: ModelConfig) -> bool:

@@ -15,6 +15,10 @@ class PackingConfig:
     buffer_size: Optional[int] = None
     algorithm: str = "default"
     max_tiles_per_pack: Optional[int] = None  # cap on ViT tiles per pack (ViT memory); None = no cap
+    # Cap on ViT patches per pack (ViT memory and attention work; None = no cap): a native image
+    # counts its t*h*w patches, a tile its ViT sequence (patches + CLS). Every packer path enforces
+    # it (mmtrain.steps.from_config.vision_unit_cap); a sample over it follows oversize_policy.
+    max_vision_patches_per_pack: Optional[int] = None
     align: int = 1  # pad each pack to a multiple of this (TP/SP/CP/FP8 divisibility)
     segment_align: int = 1  # pad each sample segment to a multiple of this (CP: 2*cp; FP8: 16)
     oversize_policy: str = "error"  # error | truncate | drop

@@ -21,10 +21,11 @@ Fields (T = total tokens in the micro-batch, padding included):
   image_token_index int64 [N * P]    where the N*P image embeddings go in the stream (tile order)
   sample_ids    list[int]   the samples in this micro-batch, in stream order
   sample_spans  list[(start, end)]  where each sample sits in the stream
-Native-resolution models (model.vision.type=native, Qwen2-VL), optional:
+Native-resolution models (model.vision.type=native, Qwen2-VL; `native=NativeLayout(m)`), optional:
   images        fp32  [P, C*T*p*p]   the flattened patches of all images, in sample order
-  image_grid_thw int64 [N, 3]  (t, h, w) patches of each image; stays on the host (the ViT plans
-                            its segments and windows from it without a device sync)
+  image_grid_thw int64 [N, 3]  (t, h, w) patches of each image (with the pixels: first PP stage);
+                            stays on the host (the ViT plans its segments and windows from it
+                            without a device sync)
   image_token_index int64 [P / m^2]  where the merged image tokens go, image by image
   mrope_position_ids int64 [3, T]  mRoPE positions (mmtrain.models.mrope.mrope_position_ids per
                             sample, restarting for every sample); needed on every pipeline stage
@@ -60,6 +61,10 @@ class Sample:
     image_lengths: Optional[np.ndarray] = None  # tokens of each image (sums to image_tokens), with image_at
     targets: Optional[np.ndarray] = None  # bool [text_tokens]: the loss targets; None = every text token
     image_token_id: int = IMAGE_TOKEN_ID  # the id image positions hold (their embedding is replaced)
+    # Native resolution: int64 [images, 3] (t, h, w) patches of each image; pixels are then the
+    # flattened patches [sum of t*h*w, C*T*p*p], each image's tokens t*h*w / m^2 (image_lengths),
+    # and `tiles` counts merged tokens (the unit packing counts; see mmtrain.models.config.vit_unit_length).
+    image_grid: Optional[np.ndarray] = None
 
     @property
     def length(self) -> int:
@@ -128,15 +133,62 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+@dataclass(frozen=True)
+class NativeLayout:
+    """How native-resolution images enter a micro-batch (Qwen2-VL): m x m patches per token, and
+    whether the decoder takes mRoPE positions."""
+
+    spatial_merge_size: int
+    mrope: bool = True
+
+
+def native_layout(model_cfg) -> Optional[NativeLayout]:
+    """The NativeLayout of a model config (mmtrain.models.config.ModelConfig), None for tile models."""
+    if model_cfg.vision.type != "native":
+        return None
+    return NativeLayout(model_cfg.vision.spatial_merge_size, mrope=model_cfg.decoder.mrope_section is not None)
+
+
+def _check_native(s: Sample, merge: int) -> np.ndarray:
+    """The sample's grids [images, 3]; raises naming the sample when its image tokens or patches disagree."""
+    grid = np.zeros((0, 3), np.int64) if s.image_grid is None else np.asarray(s.image_grid, np.int64).reshape(-1, 3)
+    lens = np.asarray(s.image_lengths if s.image_lengths is not None else [s.image_tokens] if s.image_tokens else [], np.int64)
+    if len(grid) != len(lens) or bool(((grid[:, 1:] % merge) != 0).any()):
+        raise BadBatchError(f"sample {s.sample_id}: {len(grid)} image grids {grid.tolist()} for {len(lens)} images "
+                            f"(each h and w a multiple of spatial_merge_size={merge})")
+    want = grid.prod(axis=1) // (merge * merge)
+    if not np.array_equal(want, lens):
+        raise BadBatchError(
+            f"sample {s.sample_id}: image tokens {lens.tolist()} do not match its grids {grid.tolist()} "
+            f"(t*h*w / {merge}^2 = {want.tolist()} each)"
+        )
+    if s.pixels is not None and s.pixels.shape[0] != int(grid.prod(axis=1).sum()):
+        raise BadBatchError(f"sample {s.sample_id}: {s.pixels.shape[0]} patch rows for grids {grid.tolist()}")
+    return grid
+
+
+def _sample_mrope(s: Sample, seq_len: int, is_image: np.ndarray, grid: np.ndarray, merge: int) -> np.ndarray:
+    """[3, seq_len] mRoPE positions of one sample alone (mmtrain.models.mrope.mrope_position_ids)."""
+    from mmtrain.models.mrope import mrope_position_ids
+
+    image_starts: list[int] = []
+    if len(grid):
+        lens = grid.prod(axis=1) // (merge * merge)
+        # the image tokens in order, image after image (two images may touch): where each begins
+        image_starts = np.flatnonzero(is_image)[np.cumsum(np.r_[0, lens[:-1]])].tolist()
+    return mrope_position_ids(seq_len, image_starts, grid, merge)
+
+
 def build_micro_batch(
     rows: Sequence[Sequence[Sample]],
     *,
     row_length: Optional[int],
     tokens_per_tile: int,
-    image_shape: tuple[int, int, int],
+    image_shape: tuple[int, ...],
     capacity: int,
     pack_align: int = 1,
     segment_align: int = 1,
+    native: Optional[NativeLayout] = None,
 ) -> PackedMicroBatch:
     """Lay out rows of samples as one thd stream.
 
@@ -151,18 +203,23 @@ def build_micro_batch(
     """
     tokens, labels, mask, pos, bounds, img_idx, pixels, ids, spans = [], [], [], [], [0], [], [], [], []
     real_bounds = [0]
+    grids, mpos = [], []
     offset = 0
     max_seg = 0
     for row in rows:
         used = 0
         for s in row:
-            if s.image_tokens != s.tiles * tokens_per_tile:
-                raise BadBatchError(
-                    f"sample {s.sample_id}: {s.image_tokens} image tokens do not match {s.tiles} tiles x "
-                    f"{tokens_per_tile} tokens per tile (check model.vision.image_size / patch_size)"
-                )
-            if s.pixels is not None and s.pixels.shape[0] != s.tiles:
-                raise BadBatchError(f"sample {s.sample_id}: {s.pixels.shape[0]} tile images for {s.tiles} tiles")
+            if native is not None:
+                grid = _check_native(s, native.spatial_merge_size)
+                grids.append(grid)
+            else:
+                if s.image_tokens != s.tiles * tokens_per_tile:
+                    raise BadBatchError(
+                        f"sample {s.sample_id}: {s.image_tokens} image tokens do not match {s.tiles} tiles x "
+                        f"{tokens_per_tile} tokens per tile (check model.vision.image_size / patch_size)"
+                    )
+                if s.pixels is not None and s.pixels.shape[0] != s.tiles:
+                    raise BadBatchError(f"sample {s.sample_id}: {s.pixels.shape[0]} tile images for {s.tiles} tiles")
             n = s.length
             if n > capacity:
                 raise BadBatchError(
@@ -175,6 +232,8 @@ def build_micro_batch(
             lab = np.append(seq[1:], PAD_ID)
             m = np.append(is_target[1:], False).astype(np.float32)  # position t predicts token t+1
             tokens.append(seq), labels.append(lab), mask.append(m), pos.append(np.arange(n))
+            if native is not None and native.mrope:
+                mpos.append(_sample_mrope(s, n, is_image, grid, native.spatial_merge_size))
             img_idx.append(offset + used + np.flatnonzero(is_image))
             if s.pixels is not None:
                 pixels.append(s.pixels)
@@ -184,6 +243,8 @@ def build_micro_batch(
             if seg > n:  # per-segment alignment padding, inside the sample's (padded) segment
                 tokens.append(np.full(seg - n, PAD_ID, np.int64)), labels.append(np.full(seg - n, PAD_ID, np.int64))
                 mask.append(np.zeros(seg - n, np.float32)), pos.append(np.arange(n, seg))
+                if mpos and native is not None and native.mrope:  # after the sample's last position
+                    mpos.append(np.broadcast_to(int(mpos[-1].max(initial=-1)) + 1 + np.arange(seg - n), (3, seg - n)))
             used += seg
             bounds.append(offset + used)
             real_bounds.append(real_bounds[-1] + n)
@@ -199,12 +260,13 @@ def build_micro_batch(
         if pad:
             tokens.append(np.full(pad, PAD_ID, np.int64)), labels.append(np.full(pad, PAD_ID, np.int64))
             mask.append(np.zeros(pad, np.float32)), pos.append(np.arange(pad))
+            if native is not None and native.mrope:
+                mpos.append(np.broadcast_to(np.arange(pad), (3, pad)))
             bounds.append(offset + target)
             real_bounds.append(real_bounds[-1] + pad)
             max_seg = max(max_seg, pad)
         offset += target
-    c, h, w = image_shape
-    images = np.concatenate(pixels) if pixels else np.zeros((0, c, h, w), np.float32)
+    images = np.concatenate(pixels) if pixels else np.zeros((0, *image_shape), np.float32)
     aligned = segment_align > 1
     mb = PackedMicroBatch(
         tokens=torch.from_numpy(np.concatenate(tokens)),
@@ -220,6 +282,13 @@ def build_micro_batch(
         num_real_tokens=sum(s.length for row in rows for s in row),
         sample_spans=spans,
     )
+    if native is not None:
+        # the grids travel with the pixels (the first pipeline stage's ViT input)
+        if all(s.pixels is not None for row in rows for s in row if s.image_tokens):
+            mb.image_grid_thw = torch.from_numpy(np.concatenate(grids) if grids else np.zeros((0, 3), np.int64))
+        if native.mrope:
+            mb.mrope_position_ids = torch.from_numpy(np.ascontiguousarray(np.concatenate(mpos, axis=1)) if mpos
+                                                     else np.zeros((3, 0), np.int64))
     validate(mb)
     return mb
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Iterator, Optional
 
 from mmtrain.config import MMTrainConfig
-from mmtrain.steps.batch import PackedMicroBatch, build_micro_batch
+from mmtrain.steps.batch import PackedMicroBatch, build_micro_batch, native_layout
 from mmtrain.steps.from_config import build_source, build_stream, source_fingerprint
 from mmtrain.steps.stream import Step
 
@@ -25,7 +25,8 @@ class DataModule:
         self.flop_model = CostModel.from_config(cfg.model)  # useful FLOPs for MFU: the balancer's formula
         self._ids = list(self.source.ids)
         v = cfg.model.vision
-        self.image_shape = (v.in_channels, v.image_size, v.image_size)
+        self.image_shape = getattr(self.source, "image_shape", (v.in_channels, v.image_size, v.image_size))
+        self.native = native_layout(cfg.model)
 
     def source_fingerprint(self) -> str:
         return source_fingerprint(self.source, self.tokens_per_tile)
@@ -39,7 +40,8 @@ class DataModule:
 
     def useful_flops(self, step: Step) -> float:
         """FLOPs of the step's real tokens (no padding), the cost model's FLOP formula."""
-        return float(self.flop_model.tiled_costs(self.sample_lengths(step), self.sample_tiles(step)).sum())
+        vsq = self.stream.sample_vision_sq(step.sample_ids)
+        return float(self.flop_model.tiled_costs(self.sample_lengths(step), self.sample_tiles(step), vsq).sum())
 
     def rank_record_ids(self, step: Step) -> list[list[str]]:
         """Record ids each DP rank runs in this step, in run order (as planned)."""
@@ -93,6 +95,7 @@ class DataModule:
                 capacity=self.cfg.packing.seq_length,
                 pack_align=max(self.cfg.packing.align, 1),
                 segment_align=max(self.cfg.packing.segment_align, 1),
+                native=self.native,
             )
 
     def state_dict(self) -> dict:

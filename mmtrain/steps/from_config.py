@@ -29,11 +29,19 @@ def build_source(cfg: MMTrainConfig, tokens_per_tile: int):
 
         if not d.source:
             raise ValueError("data=lengths needs data.source=<length table: CSV / Parquet / NPY with id, tiles, text_tokens>")
+        from mmtrain.models.config import is_native, native_patch_dim
+
+        native = (m.vision.spatial_merge_size, native_patch_dim(m)) if is_native(m) else None
         src = LengthTableSource(d.source, tokens_per_tile=tokens_per_tile, image_size=m.vision.image_size,
                                 channels=m.vision.in_channels, vocab_size=m.decoder.vocab_size, seed=d.seed,
-                                bad_sample_policy=d.bad_sample_policy)
+                                bad_sample_policy=d.bad_sample_policy, native=native)
     elif name == "synthetic_tiles":
         from mmtrain.data import synthetic
+        from mmtrain.models.config import is_native
+
+        if is_native(m):
+            raise ValueError("data=synthetic_tiles makes fixed-size tiles; a native-resolution model trains on "
+                             "data=llava_json (real images) or data=lengths (a length table with image_tokens)")
         from mmtrain.data.sources.synthetic import SyntheticSource
 
         spec = synthetic.SyntheticTilesSpec(
@@ -61,6 +69,37 @@ def buffer_size(cfg: MMTrainConfig) -> int:
     return max(DEFAULT_BUFFER, 2 * cfg.balancing.window_steps * t.global_batch_size)
 
 
+def vision_unit_cap(cfg: MMTrainConfig):
+    """The packers' per-pack cap in vision units (`tiles`: a tile, or one merged token of a native
+    image = m^2 ViT patches): packing.max_tiles_per_pack and packing.max_vision_patches_per_pack
+    (patches / the ViT length of a unit, exact for native images), whichever is tighter; None = none."""
+    from mmtrain.models.config import is_native, vit_unit_length
+
+    p = cfg.packing
+    caps = []
+    if p.max_tiles_per_pack is not None:
+        if is_native(cfg.model):
+            raise ValueError("packing.max_tiles_per_pack: native-resolution images have no tiles; cap the ViT with "
+                             "packing.max_vision_patches_per_pack")
+        caps.append(int(p.max_tiles_per_pack))
+    if p.max_vision_patches_per_pack is not None:
+        unit = vit_unit_length(cfg.model)
+        if p.max_vision_patches_per_pack < unit:
+            raise ValueError(f"packing.max_vision_patches_per_pack={p.max_vision_patches_per_pack} is less than one "
+                             f"{'merged token' if is_native(cfg.model) else 'tile'} ({unit} ViT patches)")
+        caps.append(int(p.max_vision_patches_per_pack) // unit)
+    return min(caps) if caps else None
+
+
+def vision_sq(source):
+    """Per sample, the sum over its images of (ViT patches)^2, from a source's `vision_lengths`
+    (native resolution); None when the source has fixed-size tiles."""
+    lengths = getattr(source, "vision_lengths", None)
+    if lengths is None:
+        return None
+    return np.array([float(sum(n * n for n in imgs)) for imgs in lengths], dtype=np.float64)
+
+
 def stream_settings(cfg: MMTrainConfig, dp: int, pp: int) -> StreamSettings:
     p, t, b = cfg.packing, cfg.trainer, cfg.balancing
     return StreamSettings(
@@ -78,7 +117,7 @@ def stream_settings(cfg: MMTrainConfig, dp: int, pp: int) -> StreamSettings:
         pipeline_order=b.pipeline_order and b.enabled,
         window_steps=b.window_steps,
         strict_equivalence=p.strict_equivalence,
-        max_tiles_per_pack=p.max_tiles_per_pack,
+        max_tiles_per_pack=vision_unit_cap(cfg),
         pack_align=max(p.align, 1),
         segment_align=max(p.segment_align, 1),
         oversize_policy=p.oversize_policy,
@@ -153,7 +192,7 @@ def build_stream(cfg: MMTrainConfig, source, tokens_per_tile: int, dp: int, pp: 
     plan_packs, plan_steps, kept = _plan(cfg, source, tokens_per_tile)
     return StepStream(
         source.tiles, source.text_tokens, tokens_per_tile, stream_settings(cfg, dp, pp), cost_model(cfg),
-        ids=source.ids, plan_packs=plan_packs, plan_steps=plan_steps, plan_kept=kept,
+        ids=source.ids, plan_packs=plan_packs, plan_steps=plan_steps, plan_kept=kept, vision_sq=vision_sq(source),
     )
 
 

@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--algorithm", default=None, choices=["default", *ALGORITHMS], help="default: packing.algorithm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tiles-per-pack", type=int, default=None, help="default: packing.max_tiles_per_pack")
+    p.add_argument("--max-vision-patches-per-pack", type=int, default=None,
+                   help="default: packing.max_vision_patches_per_pack")
     p.add_argument("--segment-align", type=int, default=None, help="default: packing.segment_align")
     p.add_argument("--pack-align", type=int, default=None, help="default: packing.align")
     p.add_argument("--oversize", choices=OVERSIZE_POLICIES, default=None, help="default: packing.oversize_policy")
@@ -51,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
 def _flags(args) -> list[str]:
     out = []
     for flag, key in (("seq_length", "packing.seq_length"), ("algorithm", "packing.algorithm"),
-                      ("max_tiles_per_pack", "packing.max_tiles_per_pack"), ("segment_align", "packing.segment_align"),
+                      ("max_tiles_per_pack", "packing.max_tiles_per_pack"),
+                      ("max_vision_patches_per_pack", "packing.max_vision_patches_per_pack"),
+                      ("segment_align", "packing.segment_align"),
                       ("pack_align", "packing.align"), ("oversize", "packing.oversize_policy"),
                       ("micro_batch_size", "trainer.micro_batch_size"), ("balance", "balancing.strategy"),
                       ("window_steps", "balancing.window_steps")):
@@ -62,13 +66,14 @@ def _flags(args) -> list[str]:
 
 
 def _table(cfg, source: str):
-    """(record ids, tiles, decoder lengths, text tokens, fingerprint) as training would see the table."""
-    from mmtrain.models.config import tokens_per_tile
+    """(record ids, tiles, decoder lengths, text tokens, fingerprint, per-sample sum of squared ViT
+    image lengths or None) as training would see the table."""
+    from mmtrain.models.config import is_native, tokens_per_tile
     from mmtrain.packing.plan_file import fingerprint
-    from mmtrain.steps.from_config import build_source, source_fingerprint
+    from mmtrain.steps.from_config import build_source, source_fingerprint, vision_sq
 
     tpt = tokens_per_tile(cfg.model)
-    if cfg.data.name == "lengths":
+    if cfg.data.name == "lengths" and not is_native(cfg.model):
         from mmtrain.data.lengths import load_length_table
 
         t = load_length_table(source, tpt)
@@ -76,17 +81,17 @@ def _table(cfg, source: str):
             img = np.asarray(t.image_tokens, np.int64)
             text = np.asarray(t.text_tokens, np.int64)
             tiles = np.zeros_like(text)
-            return [str(i) for i in t.ids], tiles, img + text, text, fingerprint(img, text, tiles)
+            return [str(i) for i in t.ids], tiles, img + text, text, fingerprint(img, text, tiles), None
     src = build_source(cfg, tpt)
     tiles = np.asarray(src.tiles, np.int64)
     text = np.asarray(src.text_tokens, np.int64)
-    return list(src.ids), tiles, tiles * tpt + text, text, source_fingerprint(src, tpt)
+    return list(src.ids), tiles, tiles * tpt + text, text, source_fingerprint(src, tpt), vision_sq(src)
 
 
 def main(argv: list[str]) -> int:
     from mmtrain.packing.plan_file import write_plan
     from mmtrain.packing.policy import pack_samples
-    from mmtrain.steps.from_config import split_source, tool_config
+    from mmtrain.steps.from_config import split_source, tool_config, vision_unit_cap
 
     args = _parser().parse_intermixed_args(argv)
     if (args.dp is None) != (args.micro_batches is None):
@@ -98,17 +103,17 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         cfg = tool_config(source, overrides, _flags(args))
-        ids, tiles, lengths, text, fp = _table(cfg, source)
+        ids, tiles, lengths, text, fp, vsq = _table(cfg, source)
         p = cfg.packing
         result = pack_samples(
             lengths, p.seq_length, algorithm=p.algorithm, buffer_size=args.buffer_size, tiles=tiles,
-            max_tiles_per_pack=p.max_tiles_per_pack, segment_align=max(p.segment_align, 1),
+            max_tiles_per_pack=vision_unit_cap(cfg), segment_align=max(p.segment_align, 1),
             pack_align=max(p.align, 1), oversize_policy=p.oversize_policy, text_tokens=text, seed=args.seed,
             carry_over=not args.no_carry,
         )
         extra, summary_extra = None, {}
         if args.dp is not None:
-            extra, summary_extra = _assign(cfg, result, tiles, args)
+            extra, summary_extra = _assign(cfg, result, tiles, args, vsq)
     except (ValueError, FileNotFoundError) as e:
         print(f"mmtrain pack: {source}: {e}", file=sys.stderr)
         return 1
@@ -117,6 +122,7 @@ def main(argv: list[str]) -> int:
     params = {
         "seq_length": p.seq_length, "buffer_size": args.buffer_size, "carry_over": not args.no_carry,
         "algorithm": result.algorithm, "seed": args.seed, "max_tiles_per_pack": p.max_tiles_per_pack,
+        "max_vision_patches_per_pack": p.max_vision_patches_per_pack,
         "segment_align": p.segment_align, "pack_align": p.align, "oversize": p.oversize_policy,
         "dp": args.dp, "micro_batches": args.micro_batches,
         "micro_batch_size": cfg.trainer.micro_batch_size if args.dp is not None else None,
@@ -133,11 +139,11 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _assign(cfg, result, tiles, args) -> tuple[list[dict], dict]:
+def _assign(cfg, result, tiles, args, vsq=None) -> tuple[list[dict], dict]:
     """Every pack's step, rank and micro-batch by the step assembler; the packs are reordered to run order."""
     from mmtrain.balancing.assemble import assemble, complete_steps, validate_shape
     from mmtrain.packing.algorithms import align_up, effective_capacity
-    from mmtrain.steps.from_config import cost_model
+    from mmtrain.steps.from_config import cost_model, vision_unit_cap
 
     p, t, b = cfg.packing, cfg.trainer, cfg.balancing
     mbs = t.micro_batch_size
@@ -145,10 +151,10 @@ def _assign(cfg, result, tiles, args) -> tuple[list[dict], dict]:
     validate_shape(per_step, args.dp, mbs)
     model = cost_model(cfg)
     lengths = np.asarray(result.lengths, dtype=np.int64)
-    sample_cost = model.tiled_costs(lengths, tiles)
+    sample_cost = model.tiled_costs(lengths, tiles, vision_sq=vsq)
     packs = complete_steps(result.packs, align_up(lengths, max(p.segment_align, 1)), sample_cost, per_step,
                            effective_capacity(p.seq_length, max(p.align, 1)), sample_tiles=tiles,
-                           max_tiles_per_pack=p.max_tiles_per_pack)
+                           max_tiles_per_pack=vision_unit_cap(cfg))
     costs = np.array([sample_cost[q].sum() for q in packs])
     ptiles = np.array([tiles[q].sum() for q in packs], dtype=np.float64)
     pp = args.pp or cfg.parallel.pipeline_model_parallel_size

@@ -114,8 +114,11 @@ class StepStream:
         plan_packs: Optional[list[list[int]]] = None,
         plan_steps: Optional[PlanSteps] = None,
         plan_kept: Optional[dict[int, int]] = None,
+        vision_sq: Optional[np.ndarray] = None,
     ) -> None:
         self.tiles = np.asarray(tiles, dtype=np.int64)
+        # native images: per sample the sum of (ViT patches of an image)^2, the quadratic ViT term
+        self.vision_sq = None if vision_sq is None else np.asarray(vision_sq, dtype=np.float64)
         self.text = np.asarray(text_tokens, dtype=np.int64)
         self.lengths = self.tiles * tokens_per_tile + self.text
         self.ids = [str(i) for i in (ids if ids is not None else range(len(self.lengths)))]
@@ -273,13 +276,16 @@ class StepStream:
         """Cost of each pack: the sum of its samples' costs (varlen: no cross-sample attention)."""
         return self.pack_terms(packs) @ (model or self.cost_model).coefficients
 
+    def sample_vision_sq(self, ids) -> Optional[np.ndarray]:
+        return None if self.vision_sq is None else self.vision_sq[np.asarray(ids, dtype=np.int64)]
+
     def pack_terms(self, packs: Sequence[Pack]) -> np.ndarray:
         """The four work terms of each pack (`mmtrain.balancing.cost.TERMS`), [packs, 4]."""
         if not packs:
             return np.zeros((0, 4))
         ids = np.fromiter((i for p in packs for i in p[0]), dtype=np.int64)
         lens = np.fromiter((l for p in packs for l in p[1]), dtype=np.int64)
-        per = tiled_terms(lens, self.tiles[ids], self.cost_model.tile_length)
+        per = tiled_terms(lens, self.tiles[ids], self.cost_model.tile_length, self.sample_vision_sq(ids))
         starts = np.cumsum([0] + [len(p[0]) for p in packs[:-1]])
         return np.add.reduceat(per, starts, axis=0)
 
@@ -296,7 +302,7 @@ class StepStream:
         local = {i: k for k, i in enumerate(order)}
         lens = np.array([length_of[i] for i in order], dtype=np.int64)
         tl = self.tiles[np.asarray(order, dtype=np.int64)]
-        costs = self.cost_model.tiled_costs(lens, tl)
+        costs = self.cost_model.tiled_costs(lens, tl, self.sample_vision_sq(order))
         out = complete_steps(
             [[local[i] for i in ids] for ids, _ in packs], align_up(lens, max(self.s.segment_align, 1)), costs,
             slots, effective_capacity(self.s.seq_length, max(self.s.pack_align, 1)),

@@ -62,26 +62,29 @@ class Evaluator:
     """Per-sample teacher-forced losses of one source on this rank's share, for any model stage."""
 
     def __init__(self, cfg, layout, source, tokens_per_tile: int) -> None:
+        from mmtrain.steps.from_config import vision_unit_cap
+
         p = cfg.packing
         self.cfg, self.layout, self.source, self.tokens_per_tile = cfg, layout, source, tokens_per_tile
         lengths = np.asarray(source.tiles, dtype=np.int64) * tokens_per_tile + np.asarray(source.text_tokens, dtype=np.int64)
         self.plan = eval_plan(lengths, source.tiles, dp=layout.dp, packing=p.enabled, seq_length=p.seq_length,
                               micro_batch_size=cfg.trainer.micro_batch_size, algorithm=p.algorithm,
-                              max_tiles_per_pack=p.max_tiles_per_pack, pack_align=max(p.align, 1),
+                              max_tiles_per_pack=vision_unit_cap(cfg), pack_align=max(p.align, 1),
                               segment_align=max(p.segment_align, 1))
         v = cfg.model.vision
         self.image_shape = getattr(source, "image_shape", (v.in_channels, v.image_size, v.image_size))
 
     def _micro_batches(self) -> Iterator:
-        from mmtrain.steps.batch import build_micro_batch
+        from mmtrain.steps.batch import build_micro_batch, native_layout
 
         p = self.cfg.packing
+        native = native_layout(self.cfg.model)
         first = self.layout.is_first_stage
         for rows in self.plan[self.layout.dp_rank]:
             samples = [[self.source.sample(i, first) for i in row] for row in rows]
             mb = build_micro_batch(samples, row_length=None, tokens_per_tile=self.tokens_per_tile, image_shape=self.image_shape,
                                    capacity=p.seq_length,
-                                   pack_align=max(p.align, 1), segment_align=max(p.segment_align, 1))
+                                   pack_align=max(p.align, 1), segment_align=max(p.segment_align, 1), native=native)
             failed = getattr(self.source, "decode_failed", {})
             for sid, (a, b) in zip(mb.sample_ids, mb.sample_spans):
                 if sid in failed:  # bad_sample_policy=skip: an image that did not decode is not scored
@@ -108,7 +111,9 @@ class Evaluator:
             out = m(mb.tokens, mb.position_ids, packed_seq_params(mb),
                     images=mb.images.to(dtype) if first else None,
                     image_token_index=mb.image_token_index if first else None,
-                    labels=mb.labels if last else None)
+                    labels=mb.labels if last else None,
+                    image_grid_thw=mb.image_grid_thw if first else None,
+                    mrope_position_ids=mb.mrope_position_ids)
 
             def loss_func(output):
                 losses = output.float().reshape(-1)

@@ -129,6 +129,9 @@ def run(out: str, spec: str, overrides: list[str]) -> None:
             model_dir, inputs = item.split("=")
             cfg = compose([
                 "model=hf", f"model.pretrained={model_dir}", "model.attention_backend=reference", *overrides,
+                # the run's own data module is not used here (the streams are); native models read
+                # native data: the length table of the native recipe's smoke scale
+                "data=lengths", "data.source=tests/assets/llava_pretrain_native_smoke.csv",
                 f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}",
                 f"trainer.output_dir={out}/{i}/{layout}",
             ])

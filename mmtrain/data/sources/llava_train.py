@@ -15,6 +15,11 @@ Bad records follow `data.bad_sample_policy`:
   the sample and file; `skip` feeds black tiles and masks the sample's loss (the step keeps its
   shape, so all ranks stay in lockstep), counted as `bad_samples` and reported as `bad_image`.
 
+Native-resolution models (Qwen2-VL / Qwen2.5-VL): each image becomes its merged tokens (smart
+resize of its upright header size, `NativeImages`), pixels are the processor's flattened patches
+with a (t, h, w) grid per image (`Sample.image_grid`); `tiles` counts merged tokens (the unit, one
+decoder token each) and `vision_lengths` gives each sample's ViT patches per image for the cost model.
+
 Samples longer than packing.seq_length follow `packing.oversize_policy` here, where the turns are
 known: `error` names every such record and the seq_length that fits them; `drop` leaves them out
 (reported); `truncate` keeps the sample up to the end of its last whole answer that fits (reported
@@ -66,6 +71,8 @@ class _Kept:
     image_tiles: list[int]
     image_tokens: list[int]
     cut: Optional[int] = None  # keep the encoded ids [:cut] (oversize_policy=truncate)
+    grids: Optional[list[tuple[int, int, int]]] = None  # native resolution: (t, h, w) patches per image
+    kept_images: int = 0  # images inside the kept tokens
 
 
 class LlavaJsonTrainSource:
@@ -89,6 +96,7 @@ class LlavaJsonTrainSource:
         self.loss_on = d.loss_on
         self.encoder = build_encoder(d, cfg.model)
         self.images = build_images(d, cfg.model, tokens_per_tile)
+        self.native = bool(getattr(self.images, "native", False))
         self.image_shape = self.images.image_shape
         iid = self.encoder.image_id
         self.image_token_id = iid if iid < self.vocab else IMAGE_TOKEN_ID
@@ -121,7 +129,7 @@ class LlavaJsonTrainSource:
                 continue
             self._check_vocab(sid, enc)
             files = [os.path.join(self.image_root, p) for p in images]
-            pending.append((_Kept(sid, msgs, files, [], [], []), enc))
+            pending.append((_Kept(sid, msgs, files, [], [], [], grids=[] if self.native else None), enc))
         for kind, where in bad_lines:
             bad.append((where, "", f"unreadable JSON ({kind})"))
 
@@ -141,10 +149,16 @@ class LlavaJsonTrainSource:
             if err is not None:
                 bad.append((rec.sid, err[0], f"image header check failed ({err[1]})"))
                 continue
-            for width, height in rec.sizes:
-                t, n_tok = self.images.count(width, height)
-                rec.image_tiles.append(t)
-                rec.image_tokens.append(n_tok)
+            try:
+                for width, height in rec.sizes:
+                    t, n_tok = self.images.count(width, height)
+                    rec.image_tiles.append(t)
+                    rec.image_tokens.append(n_tok)
+                    if rec.grids is not None:
+                        rec.grids.append(self.images.grid(width, height))
+            except ValueError as e:  # e.g. an aspect ratio the native image processor refuses
+                bad.append((rec.sid, rec.files[len(rec.image_tokens)], str(e)))
+                continue
             kept.append((rec, enc))
         self._bad_records(bad)
         kept = self._oversize(kept)
@@ -157,6 +171,7 @@ class LlavaJsonTrainSource:
         tiles, text = [], []
         for r, enc in kept:
             n_ids, n_img = (len(enc.ids), len(r.files)) if r.cut is None else (r.cut, int((enc.placeholders < r.cut).sum()))
+            r.kept_images = n_img
             tiles.append(sum(r.image_tiles[:n_img]))
             text.append(n_ids - n_img)
         self.tiles = np.asarray(tiles, dtype=np.int64)
@@ -244,6 +259,14 @@ class LlavaJsonTrainSource:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def vision_lengths(self) -> Optional[list[list[int]]]:
+        """Native resolution: each sample's images (those its kept tokens hold) as ViT sequence
+        lengths, t*h*w patches each: the per-image quadratic term of the cost model. None for tiles."""
+        if not self.native:
+            return None
+        return [[t * h * w for t, h, w in r.grids[: r.kept_images]] for r in self._samples]
+
     # ---- samples ----------------------------------------------------------------------------------
     def sample(self, index: int, with_pixels: bool, keep_tokens: Optional[int] = None) -> Sample:
         r = self._samples[index]
@@ -277,10 +300,11 @@ class LlavaJsonTrainSource:
             pixels = self._pixels_or_black(index, n_img, tiles)
         elif with_pixels:
             pixels = np.zeros((0, *self.image_shape), np.float32)
+        grid = np.asarray(r.grids[:n_img], np.int64).reshape(-1, 3) if self.native else None
         return Sample(
             sample_id=index, text=text, pixels=pixels if with_pixels else None, tiles=tiles,
             image_tokens=int(lengths.sum()), image_at=ph - np.arange(n_img), image_lengths=lengths,
-            targets=np.delete(targets, ph), image_token_id=self.image_token_id,
+            targets=np.delete(targets, ph), image_token_id=self.image_token_id, image_grid=grid,
         )
 
     def _hard_cut(self, enc: Encoded, image_tokens: list[int], budget: int) -> int:
@@ -292,15 +316,27 @@ class LlavaJsonTrainSource:
             cut = c
         return max(cut, 1)
 
+    def _decode(self, r: _Kept, n_img: int, tiles: int) -> np.ndarray:
+        """The pixels of the sample's first n_img images; raises when they disagree with the header."""
+        if not self.native:
+            parts = [self.images.pixels(f) for f in r.files[:n_img]]
+            px = np.concatenate(parts) if parts else np.zeros((0, *self.image_shape), np.float32)
+            if px.shape[0] != tiles:
+                raise ValueError(f"decoded {px.shape[0]} tiles, the header said {tiles}")
+            return px
+        parts = []
+        for f, want in zip(r.files[:n_img], r.grids[:n_img]):
+            px, grid = self.images.pixels(f)
+            if grid.reshape(-1).tolist() != list(want):
+                raise ValueError(f"{f}: decoded to a grid of {grid.reshape(-1).tolist()} patches, the header said {list(want)}")
+            parts.append(px)
+        return np.concatenate(parts) if parts else np.zeros((0, *self.image_shape), np.float32)
+
     def _pixels_or_black(self, index: int, n_img: int, tiles: int) -> np.ndarray:
         r = self._samples[index]
         if index not in self.decode_failed:
             try:
-                parts = [self.images.pixels(f) for f in r.files[:n_img]]
-                px = np.concatenate(parts) if parts else np.zeros((0, *self.image_shape), np.float32)
-                if px.shape[0] != tiles:
-                    raise ValueError(f"decoded {px.shape[0]} tiles, the header said {tiles}")
-                return px
+                return self._decode(r, n_img, tiles)
             except Exception as e:  # noqa: BLE001 - any decoder error is a bad sample
                 reason = f"{type(e).__name__}: {e}"
                 if self.policy == "fail":
@@ -311,4 +347,5 @@ class LlavaJsonTrainSource:
                 self.decode_failed[index] = reason
                 self.report.add(r.sid, "bad_image", f"failed to decode during training ({reason}); loss masked",
                                 file=", ".join(r.files))
-        return np.zeros((tiles, *self.image_shape), np.float32)
+        rows = sum(t * h * w for t, h, w in r.grids[:n_img]) if self.native else tiles
+        return np.zeros((rows, *self.image_shape), np.float32)
