@@ -675,4 +675,27 @@ SABOTAGES: list[Sabotage] = [
         replacement="            elif False:",
         tests=("tests/integration/test_hot_path.py::test_dp2_overlapped_grad_reduce_with_an_imageless_rank_matches_dp1",),
     ),
+    Sabotage(
+        name="dp_gradients_scaled_by_2",
+        claim="at DP > 1 the optimizer gets the DP-reduced gradients divided by the global loss-token count (DP2 == DP1)",
+        file="mmtrain/train/step.py",
+        anchor="    ok, grad_norm, _ = b.optimizer.step()",
+        replacement="    [p.main_grad.mul_(2) for p in b.model.module.parameters() if p.requires_grad and b.layout.dp > 1]\n"
+                    "    ok, grad_norm, _ = b.optimizer.step()",
+        tests=(
+            "tests/integration/test_equivalence.py::test_dp1_and_dp2_give_the_same_update",
+            "tests/integration/test_hot_path.py::test_dp2_overlapped_grad_reduce_with_an_imageless_rank_matches_dp1",
+        ),
+    ),
+    Sabotage(
+        name="balancer_not_run_in_training",
+        claim="training lays each step's packs out over the DP ranks with the configured balancer (predicted straggler <= 1.01)",
+        file="mmtrain/steps/stream.py",
+        anchor="            ranks = layout_step(costs, self.s.dp, self.s.micro_batch_size, strategy=self.s.strategy,",
+        replacement="            ranks = layout_step(costs, self.s.dp, self.s.micro_batch_size, strategy=\"none\",",
+        tests=(
+            "tests/unit/steps/test_rank_assignment.py",
+            "tests/integration/test_balanced_training.py::test_dp4_every_rank_works_each_sample_once_straggler_equals_simulate",
+        ),
+    ),
 ]

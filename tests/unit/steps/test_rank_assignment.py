@@ -6,7 +6,8 @@ shapes (recipe h20_4gpu_dp4: LLaVA-7B's 256 tokens a tile, seq 8192, 2 packs per
 Read from the micro-batches each rank builds, not from the plan alone: every pack of a step goes to
 exactly one rank, in the plan's micro-batch order; no rank idles; each sample runs once per epoch;
 the predicted rank costs are the cost formula summed over what each rank really runs, and their
-mean straggler (max / mean per step) is at or under 1.01.
+mean straggler (max / mean per step) is at or under 1.01 and under that of the same packs dealt to
+the ranks in step order (what training would run without the balancer).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def test_every_pack_to_one_rank_no_rank_idle_each_sample_once_straggler_at_targe
 def _check(feeds, ids, lengths, tiles, cost, dp, name):
     """`lengths`: decoder tokens of each row, counted in the test; `cost`: the balancer's formula."""
     seen: dict[int, list[str]] = {}
-    ratios = []
+    ratios, dealt_ratios = [], []
     steps = 0
     while True:
         ready = [f.next() for f in feeds]
@@ -82,9 +83,16 @@ def _check(feeds, ids, lengths, tiles, cost, dp, name):
             seen.setdefault(st.epoch, []).extend(ids[s] for s in mine)
         assert st.predicted_rank_cost == pytest.approx(rank_cost, rel=1e-9), st.step
         ratios.append(max(rank_cost) / np.mean(rank_cost))
+        # the baseline the balancer must beat: the same packs dealt in step order, len / dp per rank
+        k = len(st.rows) // dp
+        dealt = [float(cost.tiled_costs(lengths[m], tiles[m]).sum())
+                 for m in ([s for row in st.rows[r * k:(r + 1) * k] for s in row] for r in range(dp))]
+        dealt_ratios.append(max(dealt) / np.mean(dealt))
     assert sorted(seen) == list(range(EPOCHS))
     for e, got in seen.items():
         twice = [k for k, c in Counter(got).items() if c > 1]
         assert not twice and sorted(got) == sorted(ids), f"epoch {e}: repeated {twice[:5]}, missing {sorted(set(ids) - set(got))[:5]}"
     assert steps >= 12, steps
     assert float(np.mean(ratios)) <= 1.01, (name, dp, float(np.mean(ratios)), max(ratios))
+    assert float(np.mean(ratios)) < float(np.mean(dealt_ratios)), \
+        f"{name} DP{dp}: straggler {np.mean(ratios):.4f} not under the packs dealt in order ({np.mean(dealt_ratios):.4f})"
