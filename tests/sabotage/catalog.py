@@ -252,6 +252,14 @@ SABOTAGES: list[Sabotage] = [
         tests=("tests/unit/data/test_smart_resize.py",),
     ),
     Sabotage(
+        name="position_ids_not_restarted_per_sample",
+        claim="a packed micro-batch's position_ids restart at 0 for every sample (as each sample alone)",
+        file="mmtrain/steps/batch.py",
+        anchor="            tokens.append(seq), labels.append(lab), mask.append(m), pos.append(np.arange(n))",
+        replacement="            tokens.append(seq), labels.append(lab), mask.append(m), pos.append(np.arange(n) + sum(map(len, pos)))",
+        tests=("tests/unit/steps/test_batch.py",),
+    ),
+    Sabotage(
         name="loss_mask_keeps_image_tokens",
         claim="image tokens are never loss targets (the loss mask drops them)",
         file="mmtrain/steps/batch.py",
@@ -474,7 +482,10 @@ SABOTAGES: list[Sabotage] = [
         file="mmtrain/steps/datamodule.py",
         anchor="        rank = self.dp_rank if dp_rank is None else dp_rank",
         replacement="        rank = max(self.dp_rank - 1, 0) if dp_rank is None else dp_rank",
-        tests=("tests/integration/test_balanced_training.py::test_dp4_from_a_plan_runs_each_ranks_planned_samples",),
+        tests=(
+            "tests/unit/steps/test_rank_assignment.py",
+            "tests/integration/test_balanced_training.py::test_dp4_from_a_plan_runs_each_ranks_planned_samples",
+        ),
     ),
     Sabotage(
         name="plan_rank_assignment_ignored",
