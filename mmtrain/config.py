@@ -20,9 +20,9 @@ from mmtrain.parallel.config import ParallelConfig, PerfConfig
 from mmtrain.train.config import TrainerConfig
 
 __all__ = [
-    "BalancingConfig", "ClusterConfig", "DataConfig", "DecoderConfig", "LengthsData", "LlavaJsonData", "MMTrainConfig",
-    "ModelConfig", "PackingConfig", "ParallelConfig", "PerfConfig", "ProjectorConfig", "SyntheticTilesData",
-    "TrainerConfig", "VisionConfig", "compose", "expand_scale", "register_configs", "to_config",
+    "BalancingConfig", "ClusterConfig", "ConfigError", "DataConfig", "DecoderConfig", "LengthsData", "LlavaJsonData",
+    "MMTrainConfig", "ModelConfig", "PackingConfig", "ParallelConfig", "PerfConfig", "ProjectorConfig",
+    "SyntheticTilesData", "TrainerConfig", "VisionConfig", "compose", "expand_scale", "register_configs", "to_config",
 ]
 
 
@@ -68,6 +68,11 @@ def register_configs() -> None:
         cs.store(group="data", name=f"{name}_schema", node=schema)
 
 
+class ConfigError(ValueError):
+    """A key that is not in the schema, a value of the wrong type, or a config group option that does
+    not exist; the message starts with the key (or `group=option`) and says what would be valid."""
+
+
 # Renamed or removed keys: the old name stays in the schema only to fail naming what replaces it.
 RENAMED = {
     ("packing", "max_images_per_pack"): "use packing.max_tiles_per_pack",
@@ -80,7 +85,7 @@ RENAMED = {
 def _check_renamed(out: MMTrainConfig) -> None:
     for (group, old), new in RENAMED.items():
         if getattr(getattr(out, group), old) is not None:
-            raise ValueError(f"{group}.{old} was renamed or removed: {new}")
+            raise ConfigError(f"{group}.{old} was renamed or removed: {new}")
 
 
 def _override_key(override: str) -> str:
@@ -106,10 +111,86 @@ def expand_scale(overrides: list[str]) -> list[str]:
     scales = dict(cfg.scales or {})
     if scale not in scales:
         where = f"recipe {cfg.recipe}" if cfg.recipe else "the root config (no recipe chosen)"
-        raise ValueError(f"scale={scale}: {where} has no such scale (scales: full, {', '.join(sorted(scales)) or '-'})")
+        raise ConfigError(f"scale={scale}: {where} has no such scale (scales: full, {', '.join(sorted(scales)) or '-'})")
     given = {_override_key(o) for o in rest}
     added = [o for o in scales[scale] if _override_key(o) not in given]
     return added + rest + [f"scale={scale}"]
+
+
+def _unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
+    """Keys of `node` that the dataclass `schema` (recursively) does not have: `+group.key=...`
+    forces a key into a structured config, where it would otherwise be carried and ignored."""
+    import dataclasses
+    import typing
+
+    from omegaconf import DictConfig, OmegaConf
+
+    hints = typing.get_type_hints(schema)
+    names = {f.name for f in dataclasses.fields(schema)}
+    out = []
+    for k in node.keys():
+        if k not in names:
+            out.append(f"{prefix}{k}")
+            continue
+        sub = node._get_node(k)
+        kind = hints.get(k)
+        actual = OmegaConf.get_type(sub) if isinstance(sub, DictConfig) and not sub._is_none() else None
+        if dataclasses.is_dataclass(kind) and dataclasses.is_dataclass(actual) and issubclass(actual, kind):
+            kind = actual  # e.g. data: the chosen source's own schema (LengthsData, ...)
+        if isinstance(sub, DictConfig) and not sub._is_none() and dataclasses.is_dataclass(kind):
+            out += _unknown_keys(sub, kind, f"{prefix}{k}.")
+    return out
+
+
+def _no_such_key(key: str) -> str:
+    """`key`'s message: the closest existing key of its group, else the group's keys."""
+    import dataclasses
+    import difflib
+    import typing
+
+    schema: Any = MMTrainConfig
+    *groups, leaf = key.split(".")
+    if groups == ["data"]:  # each data=<source> owns its fields: say whose field it is
+        owners = [n for n, c in SOURCES.items() if leaf in {f.name for f in dataclasses.fields(c)}]
+        if owners:
+            return (f"{key}: not a field of this data source; {leaf} belongs to data={' | data='.join(owners)} "
+                    "(each source has its own fields: mmtrain/data/config.py)")
+        names = sorted({f.name for c in SOURCES.values() for f in dataclasses.fields(c)})
+        close = difflib.get_close_matches(leaf, names, n=1)
+        return f"{key}: no such config key in data" + (f" (did you mean data.{close[0]}?)" if close else "")
+    for g in groups:
+        kind = typing.get_type_hints(schema).get(g)
+        if not dataclasses.is_dataclass(kind):
+            return f"{key}: no such config key ({'.'.join(groups[: groups.index(g)]) or 'the config'} has no group {g!r})"
+        schema = kind
+    names = [f.name for f in dataclasses.fields(schema)]
+    where = ".".join(groups) or "the config"
+    close = difflib.get_close_matches(leaf, names, n=1)
+    hint = f"did you mean {'.'.join([*groups, close[0]])}?" if close else f"{where} has: {', '.join(names)}"
+    return f"{key}: no such config key in {where} ({hint})"
+
+
+def _composition_error(e: Exception) -> Exception:
+    """Hydra's / OmegaConf's composition error as a ConfigError naming the key; others unchanged."""
+    import dataclasses
+
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file and "/" in e.missing_cfg_file:
+        group, option = e.missing_cfg_file.rsplit("/", 1)
+        options = ", ".join(e.options or []) or "none"
+        return ConfigError(f"{group}={option}: no such {group} config (choose one of: {options})")
+    cause = e.__cause__
+    if isinstance(e, ConfigCompositionException) and isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
+        key = str(cause.full_key)
+        if isinstance(cause, ConfigKeyError) and "." not in key:  # an unknown top-level group
+            return ConfigError(f"{key}: no such config group (groups: {', '.join(f.name for f in dataclasses.fields(MMTrainConfig))})")
+        return ConfigError(_no_such_key(key))
+    if isinstance(e, ConfigCompositionException) and isinstance(cause, ValidationError) and cause.full_key:
+        why = str(cause.msg).splitlines()[0]
+        return ConfigError(f"{cause.full_key}: {why}")
+    return e
 
 
 def to_config(cfg: Any) -> MMTrainConfig:
@@ -121,6 +202,9 @@ def to_config(cfg: Any) -> MMTrainConfig:
     base = OmegaConf.structured(MMTrainConfig)
     if cfg is not None:
         base = OmegaConf.merge(base, cfg)
+        unknown = _unknown_keys(base, MMTrainConfig)
+        if unknown:
+            raise ConfigError("; ".join(_no_such_key(k) for k in unknown))
     out: MMTrainConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
     _check_renamed(out)
     if out.model.architecture == "pretrained":
@@ -149,8 +233,14 @@ def _hydra_compose(overrides: list[str]):
     register_configs()
     config_dir = str(Path(__file__).resolve().parent.parent / "configs")
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir, version_base=None):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base=None):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+    except Exception as e:  # noqa: BLE001 - Hydra's composition errors get a message naming the key
+        err = _composition_error(e)
+        if err is e:
+            raise
+        raise err from e
 
 
 def compose(overrides: list[str] | None = None) -> MMTrainConfig:

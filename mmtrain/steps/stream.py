@@ -253,8 +253,14 @@ class StepStream:
     def _add(self, packer, sid: int) -> list[Pack]:
         try:
             out = packer.add(sid, int(self.lengths[sid]), int(self.tiles[sid]), int(self.text[sid]))
-        except ValueError as e:  # the packer saw one sample: name it by its record id
-            raise ValueError(f"sample {self.ids[sid]!r} (index {sid}) " + str(e).split(" ", 2)[2]) from None
+        except ValueError as e:  # the packer saw one sample: name it by its record id and the keys that fix it
+            why = str(e).split(": ", 1)[-1].split(";", 1)[0]
+            limit = self.s.max_tiles_per_pack
+            fix = (f"raise packing.max_tiles_per_pack (now {limit}) to at least {int(self.tiles[sid])}"
+                   if limit is not None and int(self.tiles[sid]) > limit else
+                   f"raise packing.seq_length (now {self.s.seq_length}) to at least {int(self.lengths[sid])}")
+            raise ValueError(f"sample {self.ids[sid]!r} (index {sid}) is oversize: {why}; {fix}, "
+                             "or set packing.oversize_policy=truncate|drop") from None
         return [(tuple(p.sample_ids), tuple(p.lengths)) for p in out]
 
     def _next_plan_pack(self) -> tuple[Pack, bool]:

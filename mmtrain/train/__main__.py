@@ -37,5 +37,10 @@ def main(dcfg: DictConfig) -> None:
 if __name__ == "__main__":
     import sys
 
-    sys.argv[1:] = expand_scale_argv(sys.argv[1:])  # scale=NAME -> the recipe's overrides, before Hydra parses
+    from mmtrain.config import ConfigError
+
+    try:  # scale=NAME -> the recipe's overrides, before Hydra parses the command line
+        sys.argv[1:] = expand_scale_argv(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     main()

@@ -6,8 +6,10 @@ Modes:
                                 packing.buffer_size == global_batch_size); records the
                                 loss, every parameter gradient (this rank's shard) and, at PP=1, the
                                 logits of every real token, keyed by sample id.
-  train OUT overrides...        a few optimizer steps; records losses and a digest of the updated
-                                parameters (gathered to full tensors across TP) for DP1-vs-DP2 checks.
+  train OUT overrides...        a few optimizer steps; records losses, the gradients the optimizer gets
+                                each step (DP-reduced, before clipping) with megatron's grad norm, and
+                                the updated parameters (full tensors, gathered across TP) for
+                                DP1-vs-DP2 checks.
 Each rank writes OUT.rank<R>.pt; the test process compares.
 """
 
@@ -75,23 +77,39 @@ def equivalence(path: str, overrides: list[str], variants: tuple[str, str]) -> N
 def train(path: str, overrides: list[str]) -> None:
     cfg = compose(overrides)
     b = build(cfg)
-    losses = []
+    losses, grads, norms = [], [], []
+    optimizer_step = b.optimizer.step
+
+    def step_recording_the_reduced_gradients():
+        # what the optimizer gets: DP-reduced, divided by the global loss-token count, before clipping
+        grads.append({name: _full(b, p, p.main_grad) for name, p in b.model.module.named_parameters() if p.requires_grad})
+        ok, grad_norm, zeros = optimizer_step()
+        norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
+        return ok, grad_norm, zeros
+
+    b.optimizer.step = step_recording_the_reduced_gradients
+    tiles = []  # tiles this DP rank ran, per step (0: its micro-batches hold no image)
     for _ in range(cfg.trainer.max_steps):
         plan = b.data.next_step()
+        tiles.append(sum(int(b.data.stream.tiles[i]) for i in plan.rank_samples(b.layout.dp_rank)))
         r = run_step(b, plan)
         losses.append(r["loss_sum"] / r["loss_tokens"])
-    params = {}
-    for name, p in b.model.module.named_parameters():
-        t = p.detach().float()
-        if getattr(p, "tensor_model_parallel", False) and b.layout.tp > 1:
-            parts = [torch.empty_like(t) for _ in range(b.layout.tp)]
-            from megatron.core import parallel_state
+    params = {name: _full(b, p, p.detach()) for name, p in b.model.module.named_parameters()}
+    torch.save({"losses": losses, "params": params, "grads": grads, "grad_norms": norms, "tiles": tiles, "dp_rank": b.layout.dp_rank,
+                "pp_rank": b.layout.pp_rank, "overlap_grad_reduce": b.model.ddp_config.overlap_grad_reduce},
+               f"{path}.rank{b.layout.rank}.pt")
 
-            dist.all_gather(parts, t.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-            t = torch.cat(parts, dim=p.partition_dim)
-        params[name] = t.cpu()
-    torch.save({"losses": losses, "params": params, "dp_rank": b.layout.dp_rank, "pp_rank": b.layout.pp_rank,
-                "overlap_grad_reduce": b.model.ddp_config.overlap_grad_reduce}, f"{path}.rank{b.layout.rank}.pt")
+
+def _full(b, p, t: torch.Tensor) -> torch.Tensor:
+    """`t` (the parameter `p` or its gradient) as the full tensor, gathered across TP."""
+    t = t.detach().float()
+    if getattr(p, "tensor_model_parallel", False) and b.layout.tp > 1:
+        from megatron.core import parallel_state
+
+        parts = [torch.empty_like(t) for _ in range(b.layout.tp)]
+        dist.all_gather(parts, t.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+        t = torch.cat(parts, dim=p.partition_dim)
+    return t.cpu().clone()  # a copy: main_grad and the parameters change in place at the next step
 
 
 if __name__ == "__main__":

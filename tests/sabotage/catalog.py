@@ -252,6 +252,14 @@ SABOTAGES: list[Sabotage] = [
         tests=("tests/unit/data/test_smart_resize.py",),
     ),
     Sabotage(
+        name="position_ids_not_restarted_per_sample",
+        claim="a packed micro-batch's position_ids restart at 0 for every sample (as each sample alone)",
+        file="mmtrain/steps/batch.py",
+        anchor="            tokens.append(seq), labels.append(lab), mask.append(m), pos.append(np.arange(n))",
+        replacement="            tokens.append(seq), labels.append(lab), mask.append(m), pos.append(np.arange(n) + sum(map(len, pos)))",
+        tests=("tests/unit/steps/test_batch.py",),
+    ),
+    Sabotage(
         name="loss_mask_keeps_image_tokens",
         claim="image tokens are never loss targets (the loss mask drops them)",
         file="mmtrain/steps/batch.py",
@@ -474,7 +482,10 @@ SABOTAGES: list[Sabotage] = [
         file="mmtrain/steps/datamodule.py",
         anchor="        rank = self.dp_rank if dp_rank is None else dp_rank",
         replacement="        rank = max(self.dp_rank - 1, 0) if dp_rank is None else dp_rank",
-        tests=("tests/integration/test_balanced_training.py::test_dp4_from_a_plan_runs_each_ranks_planned_samples",),
+        tests=(
+            "tests/unit/steps/test_rank_assignment.py",
+            "tests/integration/test_balanced_training.py::test_dp4_from_a_plan_runs_each_ranks_planned_samples",
+        ),
     ),
     Sabotage(
         name="plan_rank_assignment_ignored",
@@ -742,5 +753,28 @@ SABOTAGES: list[Sabotage] = [
         replacement="        per = tiled_terms(lens, self.tiles[ids], self.cost_model.tile_length, None)",
         tests=("tests/unit/steps/test_native_steps.py",
                "tests/integration/recipes/test_native_recipe.py::test_smoke_run_is_what_simulate_predicts"),
+    ),
+    Sabotage(
+        name="dp_gradients_scaled_by_2",
+        claim="at DP > 1 the optimizer gets the DP-reduced gradients divided by the global loss-token count (DP2 == DP1)",
+        file="mmtrain/train/step.py",
+        anchor="    ok, grad_norm, _ = b.optimizer.step()",
+        replacement="    [p.main_grad.mul_(2) for p in b.model.module.parameters() if p.requires_grad and b.layout.dp > 1]\n"
+                    "    ok, grad_norm, _ = b.optimizer.step()",
+        tests=(
+            "tests/integration/test_equivalence.py::test_dp1_and_dp2_give_the_same_update",
+            "tests/integration/test_hot_path.py::test_dp2_overlapped_grad_reduce_with_an_imageless_rank_matches_dp1",
+        ),
+    ),
+    Sabotage(
+        name="balancer_not_run_in_training",
+        claim="training lays each step's packs out over the DP ranks with the configured balancer (predicted straggler <= 1.01)",
+        file="mmtrain/steps/stream.py",
+        anchor="            ranks = layout_step(costs, self.s.dp, self.s.micro_batch_size, strategy=self.s.strategy,",
+        replacement="            ranks = layout_step(costs, self.s.dp, self.s.micro_batch_size, strategy=\"none\",",
+        tests=(
+            "tests/unit/steps/test_rank_assignment.py",
+            "tests/integration/test_balanced_training.py::test_dp4_every_rank_works_each_sample_once_straggler_equals_simulate",
+        ),
     ),
 ]

@@ -20,7 +20,7 @@ def local_slurm(tmp_path_factory):
     would count as passing. Set MMTRAIN_SKIP_SLURM=1 to skip deliberately.
     """
     if os.environ.get("MMTRAIN_SKIP_SLURM") == "1":
-        pytest.skip("MMTRAIN_SKIP_SLURM=1: Slurm integration tests skipped on request")
+        pytest.skip("on request: MMTRAIN_SKIP_SLURM=1 (Slurm integration tests not run)")
     state = tmp_path_factory.mktemp("slurm")
     env = dict(os.environ, MMTRAIN_SLURM_DIR=str(state))
     res = subprocess.run(["bash", str(SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=600)

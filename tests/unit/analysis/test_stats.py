@@ -40,7 +40,7 @@ def _write_table(tmp_path, cols, fmt):
             arr[k] = v
         np.save(p, arr)
     else:
-        pa = pytest.importorskip("pyarrow")
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         p = tmp_path / "t.parquet"
@@ -50,7 +50,6 @@ def _write_table(tmp_path, cols, fmt):
 
 @pytest.mark.parametrize("fmt", ["csv", "npy", "parquet"])
 def test_length_table_seed_figures_exact(tmp_path, fmt):
-    pytest.importorskip("mmtrain.data.lengths")
     cols = _seed_like_table()
     src = _write_table(tmp_path, cols, fmt)
     out = tmp_path / "out"

@@ -53,7 +53,7 @@ def test_no_id_column_is_row_number(tmp_path):
 
 
 def test_parquet_and_npy_string_ids(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     tbl = pa.table({"id": [r[0] for r in ROWS], "tiles": [r[1] for r in ROWS],

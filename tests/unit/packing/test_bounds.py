@@ -70,7 +70,6 @@ def test_dp_builder_valid_with_tiles_and_alignment(maxk):
     assert p == pack_lengths(lens, 8192, "fill", **kw)
 
 
-@pytest.mark.skipif(not (DATA / "ai2d_train_12k.csv").exists(), reason="shared data not present")
 def test_fill_near_volume_bound_on_ai2d():
     from mmtrain.data.lengths import load_length_table
 
@@ -120,7 +119,6 @@ def test_offline_fill_not_worse_than_buffered_with_carry():
         assert len(off.packs) <= len(pack_samples(lens, 8192, buffer_size=b).packs)
 
 
-@pytest.mark.skipif(not (DATA / "docvqa_train_10k.csv").exists(), reason="shared data not present")
 def test_docvqa_offline_at_least_buffered():
     from mmtrain.data.lengths import load_length_table
     from mmtrain.packing.policy import pack_samples
@@ -131,7 +129,6 @@ def test_docvqa_offline_at_least_buffered():
     assert len(off) <= len(pack_samples(lens, 8192, buffer_size=1000).packs)
 
 
-@pytest.mark.skipif(not (DATA / "chartqa_train_18k.csv").exists(), reason="shared data not present")
 def test_buffered_carry_pack_counts_do_not_regress():
     # MAX_CARRIES 4 -> 6: chartqa b100 3042 -> 3032, docvqa b1000 1839 -> 1837 (bench/results/packing.md)
     from mmtrain.data.lengths import load_length_table

@@ -144,7 +144,6 @@ def test_buffered_top_up_online_equals_offline_with_limits(buf):
     assert res.packs == pack_samples(lens, 8192, buffer_size=buf, tiles=tiles, **kw).packs
 
 
-@pytest.mark.skipif(not (DATA / "docvqa_train_10k.csv").exists(), reason="bench data not available")
 def test_repair_pack_counts_on_bench_sets():
     # bench/results/packing.md: docvqa b1000 1837 -> 1834, offline 1835 -> 1827; chartqa b100 3032 -> 3020,
     # offline 2927 -> 2922 (the LNS step)
