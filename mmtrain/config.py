@@ -97,7 +97,8 @@ def _override_key(override: str) -> str:
 
 def expand_scale(overrides: list[str]) -> list[str]:
     """Hydra overrides with `scale=NAME` replaced by the chosen recipe's `scales.NAME` overrides,
-    placed first, minus any key the caller sets (the caller's settings win). Every entry point
+    placed first, minus any key the caller sets and any key of a group the caller chooses (the
+    caller's settings win). Every entry point
     (training, the launchers, compare, simulate, pack, analyze, eval) composes through this."""
     overrides = list(overrides)
     chosen = [o for o in overrides if _override_key(o) == "scale" and "=" in o]
@@ -113,7 +114,9 @@ def expand_scale(overrides: list[str]) -> list[str]:
         where = f"recipe {cfg.recipe}" if cfg.recipe else "the root config (no recipe chosen)"
         raise ConfigError(f"scale={scale}: {where} has no such scale (scales: full, {', '.join(sorted(scales)) or '-'})")
     given = {_override_key(o) for o in rest}
-    added = [o for o in scales[scale] if _override_key(o) not in given]
+    # a key the caller sets wins; so does a group the caller chooses (data=lengths drops data.num_samples=...)
+    added = [o for o in scales[scale] if _override_key(o) not in given
+             and not any(_override_key(o).startswith(g + ".") for g in given)]
     return added + rest + [f"scale={scale}"]
 
 

@@ -29,7 +29,7 @@ def _slurm(args, timeout=120, env=None):
 def test_dry_run_gpu_script():
     res = _slurm(["--recipe", "h20_4gpu_dp4", "--nodes", "2", "--partition", "h20", "--time", "01:00:00",
                   "--container-image", "nvcr.io/nvidia/pytorch:25.01-py3", "--dry-run",
-                  "packing=disabled", "trainer.output_dir=/scratch/run 1", "+foo='a b'"])
+                  "packing=disabled", "trainer.output_dir=/scratch/run 1", "trainer.wandb='a b'"])
     assert res.returncode == 0, res.stderr
     s = res.stdout
     assert s.startswith("#!/bin/bash\n")
@@ -42,7 +42,7 @@ def test_dry_run_gpu_script():
     assert '--rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"' in s and "--nproc-per-node 4" in s
     assert "trap 'forward USR1' USR1" in s and "PREEMPT_EXIT_CODE=75" in s and "scontrol requeue" in s
     # overrides pass through unchanged (shell-quoted)
-    assert "recipe=h20_4gpu_dp4 packing=disabled 'trainer.output_dir=/scratch/run 1' '+foo='\"'\"'a b'\"'\"''" in s
+    assert "recipe=h20_4gpu_dp4 packing=disabled 'trainer.output_dir=/scratch/run 1' 'trainer.wandb='\"'\"'a b'\"'\"''" in s
     assert subprocess.run(["bash", "-n"], input=s, text=True).returncode == 0
 
 

@@ -169,3 +169,15 @@ def test_each_data_source_owns_its_fields(data, field, owner):
                               "(each source has its own fields: mmtrain/data/config.py)")
     cfg = compose([f"data={data}"] + (["data.source=x"] if data != "synthetic_tiles" else []))
     assert type(cfg.data) is SOURCES[data] and cfg.data.name == data
+
+
+@pytest.mark.parametrize("scale", [[], ["scale=smoke"]], ids=["full", "smoke"])
+def test_a_recipe_takes_another_data_source(scale):
+    """A recipe sets no data.* key, so `data=lengths data.source=T` swaps its data (what `mmtrain
+    simulate --dp 4 recipe=h20_4gpu_dp4 data=lengths ...` does); the smoke's data.* keys give way too."""
+    from mmtrain.data.config import LengthsData
+
+    table = str(REPO / "tests" / "assets" / "llava_pretrain_native_smoke.csv")
+    cfg = compose(["recipe=h20_4gpu_dp4", *scale, "data=lengths", f"data.source={table}"])
+    assert type(cfg.data) is LengthsData and cfg.data.source == table
+    assert cfg.trainer.global_batch_size == 8 and cfg.packing.seq_length == (512 if scale else 8192)
