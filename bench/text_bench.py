@@ -27,9 +27,24 @@ import warnings
 from pathlib import Path
 
 warnings.filterwarnings("ignore")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tests' model folder helpers
 
 import numpy as np  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+
+
+def _tests_helper(name: str):
+    """A helper module of tests/ (the tiny HF model folders), loaded from its file under its own
+    name so that its sibling imports (`import hf_models`) resolve to the same modules."""
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, TESTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 WORDS = ("the cat sat on a mat what is in this picture red blue wall photo describe it tall thin "
          "which colour larger first second image hello there how can I help you today").split()
@@ -62,7 +77,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="/tmp/text_bench")
     args = ap.parse_args()
-    import hf_chat as C
+    _tests_helper("hf_models")
+    C = _tests_helper("hf_chat")
     from PIL import Image
     from transformers import AutoProcessor
 

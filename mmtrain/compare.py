@@ -3,7 +3,7 @@ experiment table (Markdown + JSON) and a bar chart.
 
     mmtrain compare h20_1gpu                                  # the seed's 1 x H20 experiment
     mmtrain compare h20_4gpu_dp4                              # 4 processes via mmtrain.launch.torchrun
-    mmtrain compare h20_4gpu_dp4 model=tiny cluster=cpu       # its CPU smoke
+    mmtrain compare h20_4gpu_dp4 scale=smoke                  # its CPU smoke
     mmtrain compare model=tiny trainer.max_steps=8 --check-loss   # no recipe (what `make demo` runs)
     mmtrain compare h20_1gpu --from-dirs RUN_OFF RUN_ON       # the table from two finished runs
 

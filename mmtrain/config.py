@@ -8,35 +8,35 @@ composition time with a message naming the key (OmegaConf struct mode) instead o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
 from mmtrain.balancing.config import BalancingConfig
-from mmtrain.data.config import DataConfig
+from mmtrain.data.config import SOURCES, DataConfig, LengthsData, LlavaJsonData, SyntheticTilesData
 from mmtrain.models.config import DecoderConfig, ModelConfig, ProjectorConfig, VisionConfig
 from mmtrain.packing.config import PackingConfig
 from mmtrain.parallel.config import ParallelConfig, PerfConfig
 from mmtrain.train.config import TrainerConfig
 
 __all__ = [
-    "BalancingConfig", "ClusterConfig", "ConfigError", "DataConfig", "DecoderConfig", "MMTrainConfig", "ModelConfig",
-    "PackingConfig", "ParallelConfig", "PerfConfig", "ProjectorConfig", "TrainerConfig", "VisionConfig", "compose",
-    "register_configs", "to_config",
+    "BalancingConfig", "ClusterConfig", "ConfigError", "DataConfig", "DecoderConfig", "LengthsData", "LlavaJsonData",
+    "MMTrainConfig", "ModelConfig", "PackingConfig", "ParallelConfig", "PerfConfig", "ProjectorConfig",
+    "SyntheticTilesData", "TrainerConfig", "VisionConfig", "compose", "expand_scale", "register_configs", "to_config",
 ]
 
 
 @dataclass
 class ClusterConfig:
     name: str = "cpu"
-    accelerator: str = "cpu"
-    gpus_per_node: int = 0
+    gpus_per_node: int = 0  # > 0: a GPU cluster (trainer.device=auto then means CUDA, and refuses a machine without it)
     gpu_memory_gb: float = 0.0
     peak_tflops_bf16: float = 0.0  # dense bf16 peak per device, for MFU
     # The launch shape a recipe was designed for; mmtrain.launch.torchrun and mmtrain.launch.slurm use these as
     # defaults (world size = nodes * procs_per_node, DP = world / (TP * PP)). Training itself ignores them.
     nodes: int = 1
     procs_per_node: int = 1
+    accelerator: Optional[str] = None  # removed: set only to fail naming trainer.device
 
 
 @dataclass
@@ -50,6 +50,12 @@ class MMTrainConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     recipe: Optional[str] = None  # name of the recipe that composed this config, if any
+    # scale=NAME runs the recipe at one of its `scales` (a list of overrides each, e.g. `smoke`: the
+    # tiny-model CPU run of the same experiment); `full` (the default) is the recipe as written.
+    # Applied by `expand_scale` before composition, so command-line overrides still win.
+    scale: str = "full"
+    # (without a recipe, scale=smoke adds nothing: the default config is already the CPU smoke)
+    scales: Dict[str, List[str]] = field(default_factory=lambda: {"smoke": []})
 
 
 def register_configs() -> None:
@@ -58,6 +64,8 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="mmtrain_schema", node=MMTrainConfig)
+    for name, schema in SOURCES.items():  # configs/data/<name>.yaml extends <name>_schema
+        cs.store(group="data", name=f"{name}_schema", node=schema)
 
 
 class ConfigError(ValueError):
@@ -65,14 +73,51 @@ class ConfigError(ValueError):
     not exist; the message starts with the key (or `group=option`) and says what would be valid."""
 
 
-# Renamed keys: the old name stays in the schema only to fail naming the new one.
-RENAMED = {("packing", "max_images_per_pack"): "packing.max_tiles_per_pack"}
+# Renamed or removed keys: the old name stays in the schema only to fail naming what replaces it.
+RENAMED = {
+    ("packing", "max_images_per_pack"): "use packing.max_tiles_per_pack",
+    ("cluster", "accelerator"): "the device is trainer.device=auto|cpu|cuda (auto is CUDA on a cluster "
+                                "with gpus_per_node > 0)",
+    ("parallel", "backend"): "the process-group backend follows trainer.device (nccl on CUDA, gloo on the CPU)",
+}
 
 
 def _check_renamed(out: MMTrainConfig) -> None:
     for (group, old), new in RENAMED.items():
         if getattr(getattr(out, group), old) is not None:
-            raise ConfigError(f"{group}.{old} was renamed: use {new}")
+            raise ConfigError(f"{group}.{old} was renamed or removed: {new}")
+
+
+def _override_key(override: str) -> str:
+    """`model=tiny` -> model, `+trainer.x=1` -> trainer.x, `override /cluster=cpu` -> cluster."""
+    key = override.split("=", 1)[0].strip()
+    key = key.removeprefix("override ").lstrip("+~").strip().lstrip("/")
+    return key.split("@", 1)[0]
+
+
+def expand_scale(overrides: list[str]) -> list[str]:
+    """Hydra overrides with `scale=NAME` replaced by the chosen recipe's `scales.NAME` overrides,
+    placed first, minus any key the caller sets and any key of a group the caller chooses (the
+    caller's settings win). Every entry point
+    (training, the launchers, compare, simulate, pack, analyze, eval) composes through this."""
+    overrides = list(overrides)
+    chosen = [o for o in overrides if _override_key(o) == "scale" and "=" in o]
+    if not chosen:
+        return overrides
+    scale = chosen[-1].split("=", 1)[1].strip()
+    rest = [o for o in overrides if o not in chosen]
+    if scale == "full":
+        return rest
+    cfg = _hydra_compose(rest)
+    scales = dict(cfg.scales or {})
+    if scale not in scales:
+        where = f"recipe {cfg.recipe}" if cfg.recipe else "the root config (no recipe chosen)"
+        raise ConfigError(f"scale={scale}: {where} has no such scale (scales: full, {', '.join(sorted(scales)) or '-'})")
+    given = {_override_key(o) for o in rest}
+    # a key the caller sets wins; so does a group the caller chooses (data=lengths drops data.num_samples=...)
+    added = [o for o in scales[scale] if _override_key(o) not in given
+             and not any(_override_key(o).startswith(g + ".") for g in given)]
+    return added + rest + [f"scale={scale}"]
 
 
 def _unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
@@ -81,7 +126,7 @@ def _unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
     import dataclasses
     import typing
 
-    from omegaconf import DictConfig
+    from omegaconf import DictConfig, OmegaConf
 
     hints = typing.get_type_hints(schema)
     names = {f.name for f in dataclasses.fields(schema)}
@@ -92,6 +137,9 @@ def _unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
             continue
         sub = node._get_node(k)
         kind = hints.get(k)
+        actual = OmegaConf.get_type(sub) if isinstance(sub, DictConfig) and not sub._is_none() else None
+        if dataclasses.is_dataclass(kind) and dataclasses.is_dataclass(actual) and issubclass(actual, kind):
+            kind = actual  # e.g. data: the chosen source's own schema (LengthsData, ...)
         if isinstance(sub, DictConfig) and not sub._is_none() and dataclasses.is_dataclass(kind):
             out += _unknown_keys(sub, kind, f"{prefix}{k}.")
     return out
@@ -105,6 +153,14 @@ def _no_such_key(key: str) -> str:
 
     schema: Any = MMTrainConfig
     *groups, leaf = key.split(".")
+    if groups == ["data"]:  # each data=<source> owns its fields: say whose field it is
+        owners = [n for n, c in SOURCES.items() if leaf in {f.name for f in dataclasses.fields(c)}]
+        if owners:
+            return (f"{key}: not a field of this data source; {leaf} belongs to data={' | data='.join(owners)} "
+                    "(each source has its own fields: mmtrain/data/config.py)")
+        names = sorted({f.name for c in SOURCES.values() for f in dataclasses.fields(c)})
+        close = difflib.get_close_matches(leaf, names, n=1)
+        return f"{key}: no such config key in data" + (f" (did you mean data.{close[0]}?)" if close else "")
     for g in groups:
         kind = typing.get_type_hints(schema).get(g)
         if not dataclasses.is_dataclass(kind):
@@ -161,8 +217,16 @@ def to_config(cfg: Any) -> MMTrainConfig:
     return out
 
 
-def compose(overrides: list[str] | None = None) -> MMTrainConfig:
-    """Compose the Hydra config from Python (tests, the demo, recipe runners)."""
+def expand_scale_argv(argv: list[str]) -> list[str]:
+    """`expand_scale` on a Hydra command line: flags (`--cfg job`, `-m`) and `hydra.*` keys pass through."""
+    plain = [a for a in argv if "=" in a and not a.startswith("-") and not _override_key(a).startswith("hydra.")]
+    if not any(_override_key(a) == "scale" for a in plain):
+        return list(argv)
+    flags = [a for a in argv if a not in plain]
+    return flags + expand_scale(plain)
+
+
+def _hydra_compose(overrides: list[str]):
     from pathlib import Path
 
     from hydra import compose as hydra_compose
@@ -174,13 +238,17 @@ def compose(overrides: list[str] | None = None) -> MMTrainConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=config_dir, version_base=None):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+            return hydra_compose(config_name="config", overrides=list(overrides))
     except Exception as e:  # noqa: BLE001 - Hydra's composition errors get a message naming the key
         err = _composition_error(e)
         if err is e:
             raise
         raise err from e
-    return to_config(cfg)
+
+
+def compose(overrides: list[str] | None = None) -> MMTrainConfig:
+    """Compose the Hydra config from Python (tests, the CLIs, the launchers), `scale=` applied."""
+    return to_config(_hydra_compose(expand_scale(list(overrides or []))))
 
 
 _ = MISSING  # re-exported for config files that need a required field

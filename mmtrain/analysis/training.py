@@ -62,7 +62,8 @@ def training_view(overrides: list[str]) -> TrainingView:
     if sizes is not None:
         aspect = np.asarray([w / h for per_sample in sizes for (w, h) in per_sample if h > 0], dtype=np.float64)
     d, v = cfg.data, cfg.model.vision
-    where = f" {d.source}" if d.source else f" ({d.num_samples} samples, seed {d.seed})"
+    source = getattr(d, "source", None)
+    where = f" {source}" if source else f" ({d.num_samples} samples, seed {d.seed})"
     if is_native(cfg.model):
         per_image = getattr(src, "vision_lengths", None) or [[] for _ in ids]
         acct = getattr(getattr(src, "images", None), "acct", None)
@@ -83,7 +84,7 @@ def training_view(overrides: list[str]) -> TrainingView:
         result=result,
         description=f"training config: data={d.name}{where}, model={cfg.model.name}",
         accounting={"mode": "training", "tile_size": v.image_size, "patch_size": v.patch_size,
-                    "tokens_per_tile": tpt, "min_tiles": d.min_tiles, "max_tiles": d.max_tiles},
+                    "tokens_per_tile": tpt, **({"min_tiles": d.min_tiles, "max_tiles": d.max_tiles} if hasattr(d, "min_tiles") else {})},
         seq_length=int(cfg.packing.seq_length),
         oversize_policy=cfg.packing.oversize_policy,
         aspect_ratios=aspect,

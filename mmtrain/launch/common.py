@@ -15,7 +15,7 @@ class LaunchShape:
     procs_per_node: int
     tp: int
     pp: int
-    accelerator: str
+    gpu: bool  # GPUs to request: a GPU cluster config (cluster.gpus_per_node > 0) not forced to trainer.device=cpu
     exit_code_preempted: int
     output_dir: str
     cluster: str
@@ -38,6 +38,9 @@ def compose_shape(recipe: str | None, overrides: list[str]) -> LaunchShape:
     """Compose the config (fails early, naming the key, on a typo or a wrong type)."""
     from mmtrain.config import compose
 
+    if recipe and not (REPO / "configs" / "recipe" / f"{recipe}.yaml").is_file():
+        known = sorted(p.stem for p in (REPO / "configs" / "recipe").glob("*.yaml"))
+        raise SystemExit(f"error: unknown recipe {recipe!r} (configs/recipe/ has: {', '.join(known)})")
     try:
         cfg = compose(hydra_args(recipe, overrides))
     except Exception as e:  # hydra / omegaconf errors name the offending key; drop the traceback
@@ -45,16 +48,13 @@ def compose_shape(recipe: str | None, overrides: list[str]) -> LaunchShape:
         if e.__cause__ is not None:
             msg += "\n  " + str(e.__cause__).strip().replace("\n", "\n  ")
         raise SystemExit(f"error: invalid config ({type(e).__name__}): {msg}") from None
-    if recipe and cfg.recipe != recipe:
-        known = sorted(p.stem for p in (REPO / "configs" / "recipe").glob("*.yaml"))
-        raise SystemExit(f"error: unknown recipe {recipe!r} (configs/recipe/ has: {', '.join(known)})")
     return LaunchShape(
         recipe=cfg.recipe,
         nodes=cfg.cluster.nodes,
         procs_per_node=cfg.cluster.procs_per_node,
         tp=cfg.parallel.tensor_model_parallel_size,
         pp=cfg.parallel.pipeline_model_parallel_size,
-        accelerator=cfg.cluster.accelerator,
+        gpu=cfg.cluster.gpus_per_node > 0 and cfg.trainer.device != "cpu",
         exit_code_preempted=cfg.trainer.exit_code_preempted,
         output_dir=cfg.trainer.output_dir,
         cluster=cfg.cluster.name,

@@ -1,7 +1,7 @@
 """Write and submit a Slurm batch script for a recipe.
 
     python -m mmtrain.launch.slurm --recipe h20_4gpu_dp4 --partition h20 --time 04:00:00 packing=disabled
-    python -m mmtrain.launch.slurm --recipe h20_4gpu_dp4 --dry-run model=tiny cluster=cpu   # print the script
+    python -m mmtrain.launch.slurm --recipe h20_4gpu_dp4 --dry-run scale=smoke   # print the script
 
 The script runs one srun task per node, each starting torchrun (mmtrain.launch.torchrun) with a c10d
 rendezvous at the first node of the allocation, on a port derived from the job id (so two jobs
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, help="nodes (default: the recipe's cluster.nodes)")
     p.add_argument("--gpus-per-node", type=int,
                    help="training processes per node, one per GPU (default: cluster.procs_per_node); "
-                   "GPUs are requested only on GPU clusters (cluster.accelerator=gpu)")
+                   "GPUs are requested only on GPU clusters (cluster.gpus_per_node > 0)")
     p.add_argument("--partition", help="Slurm partition")
     p.add_argument("--account", help="Slurm account")
     p.add_argument("--qos", help="Slurm QOS")
@@ -75,7 +75,7 @@ def render(args: argparse.Namespace, argv: list[str]) -> tuple[str, Path]:
     nodes = args.nodes or shape.nodes
     per_node = args.gpus_per_node or shape.procs_per_node
     check_world(nodes * per_node, shape.tp, shape.pp)
-    gpu = shape.accelerator == "gpu"
+    gpu = shape.gpu
     out_dir = Path(shape.output_dir)
     if not out_dir.is_absolute():
         out_dir = REPO / out_dir

@@ -2,7 +2,7 @@
 
     # one node, process count from the recipe (cluster.procs_per_node)
     python -m mmtrain.launch.torchrun --recipe h20_4gpu_dp4
-    python -m mmtrain.launch.torchrun --recipe h20_4gpu_dp4 model=tiny cluster=cpu     # CPU smoke, 4 gloo ranks
+    python -m mmtrain.launch.torchrun --recipe h20_4gpu_dp4 scale=smoke                  # CPU smoke, 4 gloo ranks
     # several nodes: run the same line on every node
     python -m mmtrain.launch.torchrun --recipe h20_4gpu_dp4 --nnodes 2 --nproc-per-node 8 \
         --rdzv-endpoint node0:29500 --rdzv-id myrun parallel=tp2

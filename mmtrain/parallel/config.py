@@ -14,7 +14,7 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False  # refused: the local layer spec's torch norms cannot do it
     use_distributed_optimizer: Optional[bool] = None  # None = on with CUDA, off on CPU
-    backend: str = "auto"  # auto | nccl | gloo
+    backend: Optional[str] = None  # removed (the backend follows trainer.device): set only to fail naming it
 
 
 @dataclass

@@ -71,12 +71,13 @@ class DeviceError(RuntimeError):
 _warned_cpu_fallback = False
 
 
-def pick_device(requested: str, accelerator: str = "cpu") -> torch.device:
+def pick_device(requested: str, gpu_cluster: bool = False) -> torch.device:
     """The device this process runs on.
 
-    requested: trainer.device (auto | cpu | cuda); accelerator: cluster.accelerator (cpu | gpu).
+    requested: trainer.device (auto | cpu | cuda), the one device knob; gpu_cluster: the cluster
+    config has GPUs (cluster.gpus_per_node > 0, e.g. cluster=h20), so `auto` means CUDA there.
     * cpu: the CPU, even on a GPU host.
-    * cuda, or a GPU cluster config: `cuda:LOCAL_RANK`, or an error before anything is built when
+    * cuda, or auto on a GPU cluster config: `cuda:LOCAL_RANK`, or an error before anything is built when
       CUDA is absent or LOCAL_RANK has no GPU of its own (NCCL cannot share one GPU between ranks).
     * auto on the CPU cluster config: CUDA when every local rank gets its own GPU; when more ranks
       than GPUs share this node (e.g. the 2-4-process CPU tests on a one-GPU box) the CPU for all of
@@ -90,12 +91,13 @@ def pick_device(requested: str, accelerator: str = "cpu") -> torch.device:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
     have = torch.cuda.is_available()
     count = torch.cuda.device_count() if have else 0
-    if requested == "cuda" or accelerator == "gpu":
-        why = "trainer.device=cuda" if requested == "cuda" else "cluster.accelerator=gpu (a GPU cluster config)"
+    if requested == "cuda" or gpu_cluster:
+        why = "trainer.device=cuda" if requested == "cuda" else "a GPU cluster config (cluster.gpus_per_node > 0)"
         if count == 0:
             raise DeviceError(
                 f"{why} but no CUDA device is visible on this machine; nothing was built. For a CPU run use "
-                "cluster=cpu (with model=tiny for a smoke run), or trainer.device=cpu to force the CPU."
+                "scale=smoke (a recipe's CPU smoke: tiny model, cluster=cpu), cluster=cpu, or trainer.device=cpu "
+                "to force the CPU."
             )
         if local_rank >= count:
             raise DeviceError(
@@ -146,10 +148,11 @@ def check_parallel(par: ParallelConfig) -> None:
         )
 
 
-def initialize(par: ParallelConfig, device_request: str, seed: int, accelerator: str = "cpu", expandable_segments: bool = True) -> ParallelLayout:
+def initialize(par: ParallelConfig, device_request: str, seed: int, gpu_cluster: bool = False,
+               expandable_segments: bool = True) -> ParallelLayout:
     """Create the default process group (if needed) and megatron-core's TP/PP/DP groups."""
     check_parallel(par)
-    device = pick_device(device_request, accelerator)
+    device = pick_device(device_request, gpu_cluster)
     if device.type == "cpu":
         cpu_compat.enable_for_process(device)
     else:
@@ -160,8 +163,7 @@ def initialize(par: ParallelConfig, device_request: str, seed: int, accelerator:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        backend = par.backend if par.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-        _init_default_group(backend)
+        _init_default_group("nccl" if device.type == "cuda" else "gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     if tp < 1 or pp < 1 or world % (tp * pp):

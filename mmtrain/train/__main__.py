@@ -9,7 +9,7 @@ quiet.install()  # before megatron-core is imported
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from mmtrain.config import register_configs, to_config  # noqa: E402
+from mmtrain.config import expand_scale_argv, register_configs, to_config  # noqa: E402
 
 register_configs()
 
@@ -35,4 +35,12 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from mmtrain.config import ConfigError
+
+    try:  # scale=NAME -> the recipe's overrides, before Hydra parses the command line
+        sys.argv[1:] = expand_scale_argv(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     main()

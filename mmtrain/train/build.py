@@ -40,7 +40,7 @@ def build(cfg: MMTrainConfig) -> Built:
     logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)  # "GPTModel IS DEPRECATED"
     runtime.dtype_of(cfg.trainer.precision)  # a bad value fails before any process group exists
     layout = setup.initialize(
-        cfg.parallel, cfg.trainer.device, cfg.trainer.seed, accelerator=cfg.cluster.accelerator,
+        cfg.parallel, cfg.trainer.device, cfg.trainer.seed, gpu_cluster=cfg.cluster.gpus_per_node > 0,
         expandable_segments=cfg.perf.expandable_segments,
     )
     dtype = runtime.dtype_of(cfg.trainer.precision, layout.device)

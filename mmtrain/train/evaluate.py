@@ -176,7 +176,7 @@ def validator(b) -> Optional[Evaluator]:
     """The training run's validation on data.validation_source (every trainer.eval_interval steps
     and after the last), or None without one."""
     cfg = b.cfg
-    if not cfg.data.validation_source:
+    if not getattr(cfg.data, "validation_source", None):  # llava_json only
         if cfg.trainer.eval_interval > 0:
             raise ValueError("trainer.eval_interval needs data.validation_source=<held-out .json/.jsonl>")
         return None
@@ -227,7 +227,7 @@ def evaluate(cfg, out: str, checkpoint: Optional[str] = None) -> Optional[dict]:
     from mmtrain.train.runtime import dtype_of
 
     dtype_of(cfg.trainer.precision)  # a bad value fails before any process group exists
-    lay = setup.initialize(cfg.parallel, cfg.trainer.device, cfg.trainer.seed, accelerator=cfg.cluster.accelerator)
+    lay = setup.initialize(cfg.parallel, cfg.trainer.device, cfg.trainer.seed, gpu_cluster=cfg.cluster.gpus_per_node > 0)
     try:
         dtype = dtype_of(cfg.trainer.precision, lay.device)  # auto: bf16 on CUDA, fp32 on the CPU, as training
         torch.manual_seed(cfg.trainer.seed)

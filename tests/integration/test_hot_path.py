@@ -138,7 +138,7 @@ def test_gpu_recipe_without_cuda_stops_before_building(tmp_path):
     took = time.perf_counter() - t0
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "cluster.accelerator=gpu (a GPU cluster config) but no CUDA device is visible" in text, text[-3000:]
-    assert "cluster=cpu" in text and "trainer.device=cpu" in text
+    assert "a GPU cluster config (cluster.gpus_per_node > 0) but no CUDA device is visible" in text, text[-3000:]
+    assert "scale=smoke" in text and "trainer.device=cpu" in text
     assert "run: model=" not in text and not (tmp_path / "run" / "metrics.jsonl").exists()
     assert took < 120, f"the refusal took {took:.0f} s: something was built first"

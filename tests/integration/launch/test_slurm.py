@@ -29,7 +29,7 @@ def _slurm(args, timeout=120, env=None):
 def test_dry_run_gpu_script():
     res = _slurm(["--recipe", "h20_4gpu_dp4", "--nodes", "2", "--partition", "h20", "--time", "01:00:00",
                   "--container-image", "nvcr.io/nvidia/pytorch:25.01-py3", "--dry-run",
-                  "packing=disabled", "trainer.output_dir=/scratch/run 1", "+foo='a b'"])
+                  "packing=disabled", "trainer.output_dir=/scratch/run 1", "trainer.wandb='a b'"])
     assert res.returncode == 0, res.stderr
     s = res.stdout
     assert s.startswith("#!/bin/bash\n")
@@ -42,19 +42,19 @@ def test_dry_run_gpu_script():
     assert '--rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"' in s and "--nproc-per-node 4" in s
     assert "trap 'forward USR1' USR1" in s and "PREEMPT_EXIT_CODE=75" in s and "scontrol requeue" in s
     # overrides pass through unchanged (shell-quoted)
-    assert "recipe=h20_4gpu_dp4 packing=disabled 'trainer.output_dir=/scratch/run 1' '+foo='\"'\"'a b'\"'\"''" in s
+    assert "recipe=h20_4gpu_dp4 packing=disabled 'trainer.output_dir=/scratch/run 1' 'trainer.wandb='\"'\"'a b'\"'\"''" in s
     assert subprocess.run(["bash", "-n"], input=s, text=True).returncode == 0
 
 
 def test_dry_run_cpu_script_requests_no_gpus():
-    res = _slurm(["--recipe", "h20_4gpu_dp4", "--dry-run", "model=tiny", "cluster=cpu"])
+    res = _slurm(["--recipe", "h20_4gpu_dp4", "--dry-run", "scale=smoke"])
     assert res.returncode == 0, res.stderr
     assert "--gpus-per-node" not in res.stdout and "--nproc-per-node 4" in res.stdout
 
 
 def test_dry_run_resources_port_python_and_workdir():
     res = _slurm(["--recipe", "h20_4gpu_dp4", "--nodes", "2", "--exclusive", "--cpus-per-task", "16", "--mem", "0",
-                  "--venv", ".venv", "--workdir", "/shared/mmtrain", "--dry-run", "model=tiny", "cluster=cpu"])
+                  "--venv", ".venv", "--workdir", "/shared/mmtrain", "--dry-run", "scale=smoke"])
     assert res.returncode == 0, res.stderr
     s = res.stdout
     for line in ("#SBATCH --exclusive", "#SBATCH --cpus-per-task=16", "#SBATCH --mem=0", "#SBATCH --nodes=2"):
@@ -91,7 +91,7 @@ def _scontrol(job: str) -> dict:
 @pytest.mark.multiproc
 def test_dp4_cpu_smoke_through_slurm(local_slurm, tmp_path):
     out = tmp_path / "run"
-    res = _slurm(["--recipe", "h20_4gpu_dp4", "--time", "00:10:00", "--wait", "model=tiny", "cluster=cpu",
+    res = _slurm(["--recipe", "h20_4gpu_dp4", "--time", "00:10:00", "--wait", "scale=smoke",
                   f"trainer.output_dir={out}"], timeout=400)
     logs = "".join(p.read_text() for p in (out / "slurm").glob("*.out")) if (out / "slurm").exists() else ""
     assert res.returncode == 0, res.stdout + res.stderr + logs[-4000:]
@@ -127,7 +127,7 @@ def test_preemption_signal_requeues_and_finishes(local_slurm, tmp_path):
     """SIGUSR1 to the batch script (what --signal=B:USR1@120 does) -> ranks exit 75 -> requeue -> done."""
     out = tmp_path / "run"
     res = _slurm(["--recipe", "h20_4gpu_dp4", "--nodes", "1", "--gpus-per-node", "2", "--time", "00:10:00",
-                  "--train-module", "tests.integration.launch.fake_train", "model=tiny", "cluster=cpu",
+                  "--train-module", "tests.integration.launch.fake_train", "scale=smoke",
                   f"trainer.output_dir={out}"], env={"MMTRAIN_FAKE": "preempt"})
     assert res.returncode == 0, res.stderr
     job = _job_id(res.stdout)

@@ -23,11 +23,11 @@ def _run(args, env=None, timeout=120):
 
 
 def test_dry_run_single_node_uses_recipe_shape():
-    res = _run(["--recipe", "h20_4gpu_dp4", "--dry-run", "model=tiny", "cluster=cpu"])
+    res = _run(["--recipe", "h20_4gpu_dp4", "--dry-run", "scale=smoke"])
     assert res.returncode == 0, res.stderr
     assert "world=4 TP=1 PP=1 DP=4" in res.stdout
     assert "--nproc-per-node=4" in res.stdout and "--standalone" in res.stdout
-    assert "recipe=h20_4gpu_dp4 model=tiny cluster=cpu" in res.stdout
+    assert "recipe=h20_4gpu_dp4 scale=smoke" in res.stdout
 
 
 def test_dry_run_multi_node_c10d():
@@ -52,7 +52,7 @@ def test_bad_config_and_recipe_fail_clearly():
 @pytest.mark.multiproc
 @pytest.mark.parametrize("code", [75, 3])
 def test_worker_exit_code_survives_torchrun(tmp_path, code):
-    res = _run(["--recipe", "h20_4gpu_dp4", "--nproc-per-node", "2", *FAKE, "model=tiny", "cluster=cpu",
+    res = _run(["--recipe", "h20_4gpu_dp4", "--nproc-per-node", "2", *FAKE, "scale=smoke",
                 f"trainer.output_dir={tmp_path}"], env={"MMTRAIN_FAKE": f"exit:{code}"})
     assert res.returncode == code, res.stdout[-2000:] + res.stderr[-2000:]
 
@@ -61,8 +61,8 @@ def test_worker_exit_code_survives_torchrun(tmp_path, code):
 def test_usr1_reaches_every_rank_and_exits_75(tmp_path):
     env = dict(os.environ, MMTRAIN_FAKE="preempt")
     env.pop("SLURM_STEP_ID", None)
-    proc = subprocess.Popen(LAUNCH + ["--recipe", "h20_4gpu_dp4", "--nproc-per-node", "2", *FAKE, "model=tiny",
-                                      "cluster=cpu", f"trainer.output_dir={tmp_path}"],
+    proc = subprocess.Popen(LAUNCH + ["--recipe", "h20_4gpu_dp4", "--nproc-per-node", "2", *FAKE, "scale=smoke",
+                                      f"trainer.output_dir={tmp_path}"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     events = tmp_path / "events.txt"
     deadline = time.time() + 60
@@ -77,7 +77,7 @@ def test_usr1_reaches_every_rank_and_exits_75(tmp_path):
 @pytest.mark.multiproc
 def test_dp4_cpu_smoke_with_torchrun(tmp_path):
     """The DP4 recipe's CPU smoke: 4 gloo ranks, tiny model."""
-    res = _run(["--recipe", "h20_4gpu_dp4", "model=tiny", "cluster=cpu", f"trainer.output_dir={tmp_path}"],
+    res = _run(["--recipe", "h20_4gpu_dp4", "scale=smoke", f"trainer.output_dir={tmp_path}"],
                timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -96,7 +96,7 @@ def test_two_nodes_meet_at_one_c10d_endpoint(tmp_path):
 
     port = free_port()
     args = ["--recipe", "h20_4gpu_dp4", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}",
-            "--rdzv-id", "two-nodes", "model=tiny", "cluster=cpu", f"trainer.output_dir={tmp_path}", "trainer.max_steps=2"]
+            "--rdzv-id", "two-nodes", "scale=smoke", f"trainer.output_dir={tmp_path}", "trainer.max_steps=2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     procs = [subprocess.Popen(LAUNCH + args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]

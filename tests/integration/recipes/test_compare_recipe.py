@@ -28,8 +28,8 @@ def check_run(lines: list[dict], summary: dict) -> None:
 
 
 def test_compare_on_cpu_smoke(tmp_path):
-    """Both packing variants of h20_1gpu with model=tiny cluster=cpu, then the table and the chart."""
-    res = subprocess.run([sys.executable, "-m", "mmtrain", "compare", "h20_1gpu", "model=tiny", "cluster=cpu",
+    """Both packing variants of h20_1gpu at scale=smoke, then the table and the chart."""
+    res = subprocess.run([sys.executable, "-m", "mmtrain", "compare", "h20_1gpu", "scale=smoke",
                           "trainer.max_steps=3", "--out", str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The native-resolution recipe (recipe=qwen2_5_vl_7b_native): it composes to a Qwen2.5-VL-7B-shaped
+"""The native-resolution recipe (recipe=qwen25vl7b_native_h100x8_tp2pp1dp4): it composes to a Qwen2.5-VL-7B-shaped
 model on the native LLaVA-Pretrain length table at full scale and to its CPU smoke scale; the smoke
 run trains, and `mmtrain simulate` with the same overrides predicts the steps training ran (same
 samples, same per-rank costs, ViT per image included)."""
@@ -18,11 +18,11 @@ import pytest
 from mmtrain.config import compose
 
 REPO = Path(__file__).resolve().parents[3]
-SMOKE = ["recipe=qwen2_5_vl_7b_native", "model=tiny_native", "cluster=cpu", "parallel=single"]
+SMOKE = ["recipe=qwen25vl7b_native_h100x8_tp2pp1dp4", "scale=smoke"]
 
 
 def test_full_scale():
-    cfg = compose(["recipe=qwen2_5_vl_7b_native"])
+    cfg = compose(["recipe=qwen25vl7b_native_h100x8_tp2pp1dp4"])
     m = cfg.model
     assert m.name == "qwen2_5_vl_7b" and m.vision.type == "native" and m.decoder.mrope_section == [16, 24, 24]
     assert (m.decoder.num_layers, m.decoder.hidden_size, m.vision.num_layers, m.vision.hidden_size) == (28, 3584, 32, 1280)

@@ -31,12 +31,12 @@ def gpus(monkeypatch):
 
 def test_cpu_is_cpu_even_with_gpus(gpus):
     gpus(8)
-    assert setup.pick_device("cpu", "gpu") == torch.device("cpu")
+    assert setup.pick_device("cpu", True) == torch.device("cpu")
 
 
 def test_each_rank_takes_its_own_gpu(gpus):
     gpus(4, rank=3, world=4)
-    assert setup.pick_device("auto", "gpu") == torch.device("cuda", 3)
+    assert setup.pick_device("auto", True) == torch.device("cuda", 3)
     assert setup.pick_device("cuda") == torch.device("cuda", 3)
     assert setup.pick_device("auto") == torch.device("cuda", 3)
 
@@ -46,16 +46,16 @@ def test_local_rank_without_a_gpu_of_its_own_is_refused(gpus):
     with pytest.raises(setup.DeviceError, match=r"LOCAL_RANK=1 but only 1 CUDA device.*--nproc_per_node=1"):
         setup.pick_device("cuda")
     with pytest.raises(setup.DeviceError, match="LOCAL_RANK=1"):
-        setup.pick_device("auto", "gpu")
+        setup.pick_device("auto", True)
 
 
 def test_gpu_cluster_without_cuda_is_refused(gpus):
     gpus(0)
-    with pytest.raises(setup.DeviceError, match="cluster.accelerator=gpu.*no CUDA device.*cluster=cpu"):
-        setup.pick_device("auto", "gpu")
+    with pytest.raises(setup.DeviceError, match=r"a GPU cluster config \(cluster.gpus_per_node > 0\) but no CUDA device.*scale=smoke.*cluster=cpu"):
+        setup.pick_device("auto", True)
     with pytest.raises(setup.DeviceError, match="trainer.device=cuda.*no CUDA device"):
-        setup.pick_device("cuda", "cpu")
-    assert setup.pick_device("cpu", "gpu") == torch.device("cpu")  # forcing the CPU stays possible
+        setup.pick_device("cuda", False)
+    assert setup.pick_device("cpu", True) == torch.device("cpu")  # forcing the CPU stays possible
 
 
 def test_more_cpu_cluster_ranks_than_gpus_run_on_the_cpu_with_one_warning(gpus, caplog):
