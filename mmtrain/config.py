@@ -97,8 +97,8 @@ def _override_key(override: str) -> str:
 
 def expand_scale(overrides: list[str]) -> list[str]:
     """Hydra overrides with `scale=NAME` replaced by the chosen recipe's `scales.NAME` overrides,
-    placed first, minus any key the caller sets and any key of a group the caller chooses (the
-    caller's settings win). Every entry point
+    placed first, minus any key the caller sets and any data.* key that the caller's `data=` source
+    does not have (the caller's settings win). Every entry point
     (training, the launchers, compare, simulate, pack, analyze, eval) composes through this."""
     overrides = list(overrides)
     chosen = [o for o in overrides if _override_key(o) == "scale" and "=" in o]
@@ -114,9 +114,18 @@ def expand_scale(overrides: list[str]) -> list[str]:
         where = f"recipe {cfg.recipe}" if cfg.recipe else "the root config (no recipe chosen)"
         raise ConfigError(f"scale={scale}: {where} has no such scale (scales: full, {', '.join(sorted(scales)) or '-'})")
     given = {_override_key(o) for o in rest}
-    # a key the caller sets wins; so does a group the caller chooses (data=lengths drops data.num_samples=...)
-    added = [o for o in scales[scale] if _override_key(o) not in given
-             and not any(_override_key(o).startswith(g + ".") for g in given)]
+    # a key the caller sets wins; a data source the caller chooses keeps only the scale's keys it has
+    # (data=lengths drops the smoke's data.num_samples=64, a synthetic-only field)
+    chosen_data = [o.split("=", 1)[1].strip() for o in rest if _override_key(o) == "data"]
+    fields = set(SOURCES[chosen_data[-1]].__dataclass_fields__) if chosen_data and chosen_data[-1] in SOURCES else None
+
+    def keep(o: str) -> bool:
+        key = _override_key(o)
+        if key in given:
+            return False
+        return fields is None or not key.startswith("data.") or key.split(".", 1)[1] in fields
+
+    added = [o for o in scales[scale] if keep(o)]
     return added + rest + [f"scale={scale}"]
 
 

@@ -52,8 +52,8 @@ def test_cli_packed_and_unpacked_losses_agree(tmp_path):
     [("trainer.max_stepz=3", "trainer.max_stepz: no such config key in trainer (did you mean trainer.max_steps?)"),
      ("+trainer.max_stepz=3", "trainer.max_stepz: no such config key in trainer (did you mean trainer.max_steps?)"),
      ("trainer.max_steps=abc", "trainer.max_steps: Value 'abc' of type 'str' could not be converted to Integer"),
-     ("recipe=no_such_recipe", "recipe=no_such_recipe: no such recipe config (choose one of: h20_1gpu, h20_4gpu_dp4)"),
-     ("packing.max_images_per_pack=4", "packing.max_images_per_pack was renamed: use packing.max_tiles_per_pack")],
+     ("recipe=no_such_recipe", "recipe=no_such_recipe: no such recipe config (choose one of: h20_1gpu, h20_4gpu_dp4, llava7b_clip224_h20x1_tp1pp1dp1, llava7b_clip224_h20x4_tp1pp1dp4, qwen25vl7b_native_h100x8_tp2pp1dp4)"),
+     ("packing.max_images_per_pack=4", "packing.max_images_per_pack was renamed or removed: use packing.max_tiles_per_pack")],
 )
 def test_config_errors_name_the_key(override, message):
     """Our own ConfigError, its message starting with the key: not Hydra's error (which would echo

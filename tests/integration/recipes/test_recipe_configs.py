@@ -181,3 +181,6 @@ def test_a_recipe_takes_another_data_source(scale):
     cfg = compose(["recipe=h20_4gpu_dp4", *scale, "data=lengths", f"data.source={table}"])
     assert type(cfg.data) is LengthsData and cfg.data.source == table
     assert cfg.trainer.global_batch_size == 8 and cfg.packing.seq_length == (512 if scale else 8192)
+    # choosing another group of the same schema keeps the scale's values (compare's packing=default)
+    cfg = compose(["recipe=h20_4gpu_dp4", *scale, "packing=default"])
+    assert (cfg.packing.seq_length, cfg.packing.buffer_size) == ((512, 16) if scale else (8192, 100))
