@@ -98,13 +98,19 @@ def _override_key(override: str) -> str:
 def expand_scale(overrides: list[str]) -> list[str]:
     """Hydra overrides with `scale=NAME` replaced by the chosen recipe's `scales.NAME` overrides,
     placed first, minus any key the caller sets and any data.* key that the caller's `data=` source
-    does not have (the caller's settings win). Every entry point
-    (training, the launchers, compare, simulate, pack, analyze, eval) composes through this."""
+    does not have (the caller's settings win). `recipe=R cluster=cpu` without a scale means
+    scale=smoke, the form the smoke had before scales existed (`scale=full` runs the full experiment
+    on the CPU). Every entry point (training, the launchers, compare, simulate, pack, analyze, eval)
+    composes through this."""
     overrides = list(overrides)
     chosen = [o for o in overrides if _override_key(o) == "scale" and "=" in o]
-    if not chosen:
+    values = {_override_key(o): o.split("=", 1)[1].strip() for o in overrides if "=" in o}
+    if chosen:
+        scale = chosen[-1].split("=", 1)[1].strip()
+    elif values.get("recipe") and values.get("cluster") == "cpu":
+        scale = "smoke"
+    else:
         return overrides
-    scale = chosen[-1].split("=", 1)[1].strip()
     rest = [o for o in overrides if o not in chosen]
     if scale == "full":
         return rest
@@ -229,8 +235,6 @@ def to_config(cfg: Any) -> MMTrainConfig:
 def expand_scale_argv(argv: list[str]) -> list[str]:
     """`expand_scale` on a Hydra command line: flags (`--cfg job`, `-m`) and `hydra.*` keys pass through."""
     plain = [a for a in argv if "=" in a and not a.startswith("-") and not _override_key(a).startswith("hydra.")]
-    if not any(_override_key(a) == "scale" for a in plain):
-        return list(argv)
     flags = [a for a in argv if a not in plain]
     return flags + expand_scale(plain)
 

@@ -66,8 +66,11 @@ def test_cpu_cluster_alone_does_not_shrink_a_run():
     assert (plain.trainer.max_steps, plain.data.num_samples) == (10, 256)
     explicit = compose(["cluster=cpu", "trainer.max_steps=50", "data.num_samples=1000"])
     assert (explicit.trainer.max_steps, explicit.data.num_samples) == (50, 1000)
-    # nor a recipe: cluster=cpu is the hardware, scale=smoke the size
-    cfg = compose(["recipe=h20_1gpu", "cluster=cpu"])
+    # a recipe on cluster=cpu without a scale is its smoke (the form it had before scale=), scale=full
+    # runs the full experiment on the CPU
+    short, smoke = compose(["recipe=h20_1gpu", "model=tiny", "cluster=cpu"]), compose(["recipe=h20_1gpu", "scale=smoke"])
+    assert short == smoke and short.scale == "smoke" and (short.packing.seq_length, short.trainer.max_steps) == (512, 4)
+    cfg = compose(["recipe=h20_1gpu", "cluster=cpu", "scale=full"])
     assert (cfg.cluster.name, cfg.packing.seq_length, cfg.trainer.max_steps, cfg.model.name) == (
         "cpu", 8192, 100, "llava_mistral7b_clip224")
 
