@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,6 +247,62 @@ class GateUp:
 
 
 Recipe = Union[Copy, QKV, FusedQKV, GateUp]
+
+
+# ---- names shared by the families -----------------------------------------------------------------
+
+
+def rewrite_first(raw: str, rules: list[tuple[re.Pattern, str]]) -> str:
+    """`raw` rewritten by the first (pattern, replacement) of `rules` that matches it (a family's
+    checkpoint spellings onto ours), else unchanged."""
+    for pattern, repl in rules:
+        if pattern.match(raw):
+            return pattern.sub(repl, raw, count=1)
+    return raw
+
+
+def swap_prefix(key: str, table: list[tuple[str, str]]) -> str:
+    """`key` with the first matching prefix of `table` replaced (our spelling -> the saved one)."""
+    for prefix, repl in table:
+        if key.startswith(prefix):
+            return repl + key[len(prefix) :]
+    return key
+
+
+_DECODER_LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.(.+)$")
+
+
+def text_decoder_recipe(name: str, cfg, lm: str) -> Optional[Recipe]:
+    """The checkpoint tensors of our decoder parameter `name` for a Llama / Mistral / Qwen2 text
+    model whose modules sit under `lm` (embedding, output layer, final norm, layers: q/k/v into our
+    fused qkv, gate/up into fc1); None for a name outside the decoder or without a tensor."""
+    from mmtrain.models.config import head_dim
+
+    fixed = {
+        "language_model.embedding.word_embeddings.weight": lm + "embed_tokens.weight",
+        "language_model.output_layer.weight": "lm_head.weight",
+        "language_model.decoder.final_layernorm.weight": lm + "norm.weight",
+    }
+    if name in fixed:
+        return Copy(fixed[name])
+    m = _DECODER_LAYER.match(name)
+    if not m:
+        return None
+    d, (i, rest) = cfg.decoder, m.groups()
+    p = f"{lm}layers.{i}."
+    if rest.startswith("self_attention.linear_qkv."):
+        leaf, a = rest.rsplit(".", 1)[1], p + "self_attn."
+        return QKV(a + f"q_proj.{leaf}", a + f"k_proj.{leaf}", a + f"v_proj.{leaf}", d.num_attention_heads,
+                   d.num_query_groups, head_dim(cfg))
+    if rest == "mlp.linear_fc1.weight":
+        return GateUp(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+    layer = {
+        "input_layernorm.weight": "input_layernorm.weight",
+        "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+        "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+        "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+    }
+    return Copy(p + layer[rest]) if rest in layer else None
 
 
 def read_shard(recipe: Recipe, src: SafetensorsFolder, spec: ShardSpec, tp_rank: int, tp: int, shape) -> torch.Tensor:

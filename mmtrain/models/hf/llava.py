@@ -11,7 +11,7 @@ import re
 from typing import Any, Optional
 
 from mmtrain.models.config import ModelConfig, head_dim, sliding_windows
-from mmtrain.models.hf.common import QKV, Copy, GateUp, PretrainedError, Recipe
+from mmtrain.models.hf.common import QKV, Copy, PretrainedError, Recipe, rewrite_first, swap_prefix, text_decoder_recipe
 
 MODEL_TYPE = "llava"
 TEXT_TYPES = ("llama", "mistral", "qwen2")
@@ -45,17 +45,11 @@ _SAVE_AS = [  # how transformers 5.x save_pretrained spells them
 
 
 def normalize(raw: str) -> str:
-    for pattern, repl in _NORMALIZE:
-        if pattern.match(raw):
-            return pattern.sub(repl, raw, count=1)
-    return raw
+    return rewrite_first(raw, _NORMALIZE)
 
 
 def save_name(key: str) -> str:
-    for prefix, repl in _SAVE_AS:
-        if key.startswith(prefix):
-            return repl + key[len(prefix) :]
-    return key
+    return swap_prefix(key, _SAVE_AS)
 
 
 def passthrough(key: str) -> bool:
@@ -67,17 +61,16 @@ def passthrough(key: str) -> bool:
 # ---- our parameters <- checkpoint tensors -------------------------------------------------------
 
 _LM, _VT, _MP = "model.language_model.", "model.vision_tower.", "model.multi_modal_projector."
-_DEC = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.(.+)$")
 _VIT = re.compile(r"^vision\.blocks\.layers\.(\d+)\.(.+)$")
 
 
 def recipe(name: str, cfg: ModelConfig) -> Optional[Recipe]:
     """Which checkpoint tensors make our parameter `name` (global); None if none do."""
-    d, v = cfg.decoder, cfg.vision
+    found = text_decoder_recipe(name, cfg, _LM)
+    if found is not None:
+        return found
+    v = cfg.vision
     fixed = {
-        "language_model.embedding.word_embeddings.weight": _LM + "embed_tokens.weight",
-        "language_model.output_layer.weight": "lm_head.weight",
-        "language_model.decoder.final_layernorm.weight": _LM + "norm.weight",
         "vision.conv.weight": _VT + "embeddings.patch_embedding.weight",
         "vision.conv.bias": _VT + "embeddings.patch_embedding.bias",
         "vision.class_embedding": _VT + "embeddings.class_embedding",
@@ -93,23 +86,6 @@ def recipe(name: str, cfg: ModelConfig) -> Optional[Recipe]:
     }
     if name in fixed:
         return Copy(fixed[name])
-    m = _DEC.match(name)
-    if m:
-        i, rest = m.group(1), m.group(2)
-        p = f"{_LM}layers.{i}."
-        if rest.startswith("self_attention.linear_qkv."):
-            leaf = rest.rsplit(".", 1)[1]
-            a = p + "self_attn."
-            return QKV(a + f"q_proj.{leaf}", a + f"k_proj.{leaf}", a + f"v_proj.{leaf}", d.num_attention_heads, d.num_query_groups, head_dim(cfg))
-        if rest == "mlp.linear_fc1.weight":
-            return GateUp(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
-        layer = {
-            "input_layernorm.weight": "input_layernorm.weight",
-            "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
-            "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
-            "mlp.linear_fc2.weight": "mlp.down_proj.weight",
-        }
-        return Copy(p + layer[rest]) if rest in layer else None
     m = _VIT.match(name)
     if m:
         i, rest = m.group(1), m.group(2)

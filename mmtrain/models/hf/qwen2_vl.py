@@ -17,7 +17,7 @@ import re
 from typing import Any, Optional
 
 from mmtrain.models.config import ModelConfig, sliding_windows
-from mmtrain.models.hf.common import QKV, Copy, FusedQKV, GateUp, PretrainedError, Recipe
+from mmtrain.models.hf.common import Copy, FusedQKV, GateUp, PretrainedError, Recipe, rewrite_first, swap_prefix, text_decoder_recipe
 from mmtrain.models.hf.llava import _ACT_IN, _ACT_OUT, _act_in
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -37,17 +37,11 @@ _SAVE_AS = [("model.language_model.", "model."), ("model.visual.", "visual.")]
 
 
 def normalize(raw: str) -> str:
-    for pattern, repl in _NORMALIZE:
-        if pattern.match(raw):
-            return pattern.sub(repl, raw, count=1)
-    return raw
+    return rewrite_first(raw, _NORMALIZE)
 
 
 def save_name(key: str) -> str:
-    for prefix, repl in _SAVE_AS:
-        if key.startswith(prefix):
-            return repl + key[len(prefix) :]
-    return key
+    return swap_prefix(key, _SAVE_AS)
 
 
 def passthrough(key: str) -> bool:
@@ -58,17 +52,16 @@ def passthrough(key: str) -> bool:
 # ---- our parameters <- checkpoint tensors -------------------------------------------------------
 
 _LM, _VT = "model.language_model.", "model.visual."
-_DEC = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.(.+)$")
 _VIT = re.compile(r"^vision\.blocks\.layers\.(\d+)\.(.+)$")
 
 
 def recipe(name: str, cfg: ModelConfig) -> Optional[Recipe]:
     """Which checkpoint tensors make our parameter `name` (global); None if none do."""
-    d, v = cfg.decoder, cfg.vision
+    found = text_decoder_recipe(name, cfg, _LM)
+    if found is not None:
+        return found
+    v = cfg.vision
     fixed = {
-        "language_model.embedding.word_embeddings.weight": _LM + "embed_tokens.weight",
-        "language_model.output_layer.weight": "lm_head.weight",
-        "language_model.decoder.final_layernorm.weight": _LM + "norm.weight",
         "vision.conv.weight": _VT + "patch_embed.proj.weight",
         "vision.ln_post.weight": _VT + "merger.ln_q.weight",
         "vision.ln_post.bias": _VT + "merger.ln_q.bias",
@@ -79,24 +72,6 @@ def recipe(name: str, cfg: ModelConfig) -> Optional[Recipe]:
     }
     if name in fixed:
         return Copy(fixed[name])
-    m = _DEC.match(name)
-    if m:
-        i, rest = m.group(1), m.group(2)
-        p = f"{_LM}layers.{i}."
-        if rest.startswith("self_attention.linear_qkv."):
-            leaf = rest.rsplit(".", 1)[1]
-            a = p + "self_attn."
-            hd = d.hidden_size // d.num_attention_heads
-            return QKV(a + f"q_proj.{leaf}", a + f"k_proj.{leaf}", a + f"v_proj.{leaf}", d.num_attention_heads, d.num_query_groups, hd)
-        if rest == "mlp.linear_fc1.weight":
-            return GateUp(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
-        layer = {
-            "input_layernorm.weight": "input_layernorm.weight",
-            "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
-            "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
-            "mlp.linear_fc2.weight": "mlp.down_proj.weight",
-        }
-        return Copy(p + layer[rest]) if rest in layer else None
     m = _VIT.match(name)
     if m:
         i, rest = m.group(1), m.group(2)
