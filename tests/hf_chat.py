@@ -180,8 +180,19 @@ def write_dataset(root: Path, name: str = "data.jsonl") -> Path:
     return path
 
 
-def record_ids(name: str = "data.jsonl") -> list[str]:
-    return [r.get("id", f"{name}:{i + 1}") for i, r in enumerate(RECORDS)]
+def assert_scores(rows, ref: dict, ids: list[str], where: str, rel: float, atol: float) -> None:
+    """Per-sample eval rows [id, loss sum, loss tokens] against transformers' (`ref`: id -> (sum,
+    tokens)): every record once, in order; the same targets; the same loss sum within rel / atol."""
+    assert [r[0] for r in rows] == ids, f"{where}: not every record once, in order"
+    for sid, loss_sum, tokens in rows:
+        ref_sum, ref_tokens = ref[sid]
+        assert tokens == ref_tokens, f"{where} {sid}: {tokens} loss targets, transformers has {ref_tokens}"
+        assert abs(loss_sum - ref_sum) <= rel * abs(ref_sum) + atol, f"{where} {sid}: loss sum {loss_sum} vs transformers {ref_sum}"
+
+
+def record_ids(name: str = "data.jsonl", records: list[dict] | None = None) -> list[str]:
+    """Each record's id; a record without one is named by its line (`data.jsonl:8`)."""
+    return [r.get("id", f"{name}:{i + 1}") for i, r in enumerate(RECORDS if records is None else records)]
 
 
 # ---- transformers' side ------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+import hf_chat
 import qwen_models as Q
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
@@ -105,35 +106,14 @@ def save_folder(family: str, out: Path, seed: int = 0) -> Path:
 
 # ---- data ------------------------------------------------------------------------------------------
 
-IMAGES = {  # name -> (width, height, mode): very different sizes and aspect ratios
-    "wide.png": (300, 40, "RGB"), "tall.png": (24, 260, "RGB"), "big.jpg": (512, 384, "RGB"),
-    "tiny.png": (5, 9, "RGB"), "gray.png": (100, 60, "L"), "square.jpg": (64, 64, "RGB"),
-    "odd.png": (157, 93, "RGB"),
-}
-
-
-def _turns(*pairs):
-    return [{"from": w, "value": v} for w, v in pairs]
-
-
+# The LLaVA tests' images and records (very different sizes and aspect ratios), plus one more image
+# and a record with two images in two turns, before the id-less record that stays last.
+IMAGES = {**hf_chat.IMAGES, "odd.png": (157, 93, "RGB")}
 RECORDS = [
-    {"id": "first", "image": "wide.png", "conversations": _turns(("human", "<image>\nWhat is in the picture?"), ("gpt", "A red bar on a white wall."))},
-    {"id": "middle", "image": "tall.png", "conversations": _turns(
-        ("human", "Look at this photo: <image> Which colour?"), ("gpt", "Mostly blue."),
-        ("human", "And the shape?"), ("gpt", "Tall and thin."))},
-    {"id": "text_only", "conversations": _turns(("human", "Tell me a fact."), ("gpt", "The cat sat on the mat."))},
-    {"id": "two_images", "image": ["tiny.png", "gray.png"], "conversations": _turns(
-        ("human", "Which one is larger, <image> or <image>?"), ("gpt", "The second image."))},
-    {"id": "system", "image": "big.jpg", "conversations": _turns(
-        ("system", "You are a terse assistant."), ("human", "Describe it in detail.\n<image>"), ("gpt", "A photo."))},
-    {"id": "second_turn", "image": "square.jpg", "conversations": _turns(
-        ("human", "Hello there"), ("gpt", "How can I help you today?"),
-        ("human", "Describe <image> please"), ("gpt", "A square."))},
-    {"id": "text_multi", "conversations": _turns(
-        ("human", "What is blue?"), ("gpt", "The wall."), ("human", "And red?"), ("gpt", "The bar."))},
-    {"id": "two_turns_two_images", "image": ["odd.png", "wide.png"], "conversations": _turns(
+    *hf_chat.RECORDS[:-1],
+    {"id": "two_turns_two_images", "image": ["odd.png", "wide.png"], "conversations": hf_chat._turns(
         ("human", "<image> What is this?"), ("gpt", "A tall thing."), ("human", "And <image>?"), ("gpt", "A bar."))},
-    {"conversations": _turns(("human", "<image> What is this?"), ("gpt", "A tall thing.")), "image": "tall.png"},
+    hf_chat.RECORDS[-1],
 ]
 
 
@@ -153,7 +133,7 @@ def write_dataset(root: Path, name: str = "data.jsonl") -> Path:
 
 
 def record_ids(name: str = "data.jsonl") -> list[str]:
-    return [r.get("id", f"{name}:{i + 1}") for i, r in enumerate(RECORDS)]
+    return hf_chat.record_ids(name, RECORDS)
 
 
 # ---- transformers' side ------------------------------------------------------------------------------

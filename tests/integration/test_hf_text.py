@@ -37,11 +37,7 @@ def folders(tmp_path_factory):
 
 
 def _assert_scores(rows, ref, where):
-    assert [r[0] for r in rows] == C.record_ids(), f"{where}: not every record once, in order"
-    for sid, loss_sum, tokens in rows:
-        ref_sum, ref_tokens = ref[sid]
-        assert tokens == ref_tokens, f"{where} {sid}: {tokens} loss targets, transformers has {ref_tokens}"
-        assert abs(loss_sum - ref_sum) <= REL * abs(ref_sum) + ABS, f"{where} {sid}: loss sum {loss_sum} vs transformers {ref_sum}"
+    C.assert_scores(rows, ref, C.record_ids(), where, REL, ABS)
 
 
 @pytest.fixture(scope="module")
