@@ -100,12 +100,7 @@ def make_model(family: str, vocab: int, seed: int):
     cfg.image_token_id = IMAGE_ID
     cfg._attn_implementation = "eager"
     model = LlavaForConditionalGeneration(cfg).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.3 if ("norm" in name or name.endswith("bias")) else 0.05
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
+    return H.perturb(model, seed + 1)
 
 
 def save_folder(family: str, out: Path, seed: int = 0) -> Path:

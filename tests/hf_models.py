@@ -46,6 +46,17 @@ def hf_config(family: str):
     return LlavaConfig(text_config=text, vision_config=vision, **extra)
 
 
+def perturb(model, seed: int, norms: tuple[str, ...] = ("norm",)):
+    """Random weights of order 1 on top of transformers' init (norms and biases too, which init
+    leaves at 1 / 0), so that a wrong mapping shows in the logits; `norms`: name parts of norm weights."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.3 if (any(n in name for n in norms) or name.endswith("bias")) else 0.05
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
 def make_hf_model(family: str, seed: int = 0):
     from transformers import LlavaForConditionalGeneration
 
@@ -53,12 +64,7 @@ def make_hf_model(family: str, seed: int = 0):
     cfg = hf_config(family)
     cfg._attn_implementation = "eager"
     model = LlavaForConditionalGeneration(cfg).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.3 if ("norm" in name or name.endswith("bias")) else 0.05
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
+    return perturb(model, seed + 1)
 
 
 def save_hf_model(family: str, out: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:

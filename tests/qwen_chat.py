@@ -81,12 +81,7 @@ def make_model(family: str, vocab: int, seed: int):
     cfg.vision_start_token_id, cfg.vision_end_token_id = VISION_START, VISION_END
     cfg._attn_implementation = "eager"
     model = Q.model_class(family)(cfg).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.3 if ("norm" in name or "ln_q" in name or name.endswith("bias")) else 0.05
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
+    return hf_chat.H.perturb(model, seed + 1, norms=("norm", "ln_q"))
 
 
 def save_folder(family: str, out: Path, seed: int = 0) -> Path:

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hf_models import perturb
+
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 VOCAB = 160  # the checkpoint's
 TOKENIZER = 150  # the tokenizer's: ids 150..159 exist only in the model
@@ -60,12 +62,7 @@ def make_hf_model(family: str, seed: int = 0):
     cfg = hf_config(family)
     cfg._attn_implementation = "eager"
     model = model_class(family)(cfg).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.3 if ("norm" in name or "ln_q" in name or name.endswith("bias")) else 0.05
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
+    return perturb(model, seed + 1, norms=("norm", "ln_q"))
 
 
 def image_processor():
