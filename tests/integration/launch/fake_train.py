@@ -38,12 +38,21 @@ def main(argv: list[str]) -> int:
             return code
     elif mode == "preempt" and restart == 0:
         got = []
-        signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+
+        def on_usr1(signum, frame) -> None:
+            # recorded in the handler, at delivery: a rank that exits first makes torchrun stop the
+            # others, which may then never leave the wait loop below
+            if not got:
+                event("usr1")
+            got.append(signum)
+
+        signal.signal(signal.SIGUSR1, on_usr1)
         event("ready")
         deadline = time.time() + 120
         while not got and time.time() < deadline:
             time.sleep(0.05)
-        event("usr1" if got else "timeout")
+        if not got:
+            event("timeout")
         return 75 if got else 1
     if rank == 0:
         (out / "summary.json").write_text(json.dumps({"steps": 1, "world_size": world, "restart": restart}))
